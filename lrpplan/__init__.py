@@ -1,0 +1,26 @@
+"""lrpplan: operation-level LRP on PyTorch's autograd graph, compiled into cached plans.
+
+>>> import torch, lrpplan
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> attr = lrpplan.explain(model, torch.randn(2, 4), cache=False)
+>>> attr.relevance.shape
+torch.Size([2, 4])
+"""
+from __future__ import annotations
+
+from .api import Attribution, Explainer, attribute, explain
+from .cache import PlanCache
+from .config import RuleSet
+from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError, NonFiniteError,
+                     PlanError, PlanMismatchError, UnrecoverableValueError, UnsupportedOperation)
+from .ledger import Ledger
+from .plan import Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
+    "LRPError", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
+    "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
+    "attribute", "explain", "__version__",
+]

@@ -1,0 +1,268 @@
+"""The plan IR: plain frozen records, a msgpack codec and a checker.
+
+A plan is a straight-line program over integer node ids (positions in the canonical walk of
+:mod:`lrpplan.graph`), relevance slots and value slots:
+
+``ValueOp``  recovers a forward value: ``leaf`` (a leaf's variable), ``saved`` (a ``_saved_*``
+             attribute of some node) or ``fwd`` (re-run a node's forward op: one link of a
+             Promise's forward chain).
+``Step``     ``rule``    apply a node's rule: read relevance slots ``rel_in`` (one per forward output),
+                         write or accumulate into ``rel_out`` (one per input, -1 = none);
+             ``fused``   one resolved Promise path: its forward ``chain`` of value ops, then the
+                         origin's rule and the backward chain through the Promise's internal nodes
+                         (``body``, rule steps);
+             ``collect`` hand the relevance of slot ``rel_in[0]`` to result ``params['target']``.
+
+Slots are freed after their last use (``free_rel``/``free_val``), computed once at compile time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import msgpack
+
+from .errors import PlanError
+
+SCHEMA_VERSION = 1
+STEP_KINDS = ("rule", "fused", "collect")
+VALUE_KINDS = ("leaf", "saved", "fwd")
+MAGIC = "lrpplan-plan"
+
+ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attribute
+
+
+@dataclass(frozen=True, slots=True)
+class ValueOp:
+    """Recover one or more forward values into value slots."""
+
+    kind: str                  # "leaf" | "saved" | "fwd"
+    node: int
+    attr: str = ""             # for "saved"
+    ins: tuple[int, ...] = ()  # for "fwd": value slot per input position (-1: not needed/None)
+    outs: tuple[int, ...] = ()  # value slot per forward output (-1: unused)
+
+    def format(self) -> str:
+        if self.kind == "fwd":
+            return f"v{list(self.outs)} = fwd(#{self.node})({list(self.ins)})"
+        what = "variable" if self.kind == "leaf" else self.attr
+        return f"v{self.outs[0]} = #{self.node}.{what}"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One plan step (see the module docstring for the kinds)."""
+
+    kind: str
+    node: int
+    rule: str = ""
+    rel_in: tuple[int, ...] = ()
+    rel_out: tuple[int, ...] = ()
+    vals: tuple[tuple[int, ValSrc], ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    chain: tuple[ValueOp, ...] = ()
+    body: tuple["Step", ...] = ()
+    free_rel: tuple[int, ...] = ()
+    free_val: tuple[int, ...] = ()
+
+    def format(self) -> str:
+        if self.kind == "collect":
+            return f"collect r{self.rel_in[0]} -> result[{self.params.get('target')}]  (#{self.node})"
+        if self.kind == "fused":
+            inner = "; ".join(s.format() for s in self.body)
+            return f"fused[{len(self.chain)} fwd] {inner}"
+        return f"#{self.node} {self.rule}: r{list(self.rel_in)} -> r{list(self.rel_out)}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled explanation of one graph structure with one rule configuration."""
+
+    key: str
+    header: Mapping[str, Any]
+    steps: tuple[Step, ...]
+    n_rel: int
+    n_val: int
+    targets: tuple[Mapping[str, Any], ...]
+    assumptions: tuple[str, ...] = ()
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+    def format(self) -> str:
+        """One line per step, like ``torch.fx.Graph.print_tabular``."""
+        lines = [f"plan {self.key} ({len(self.steps)} steps, {self.n_rel} relevance slots, "
+                 f"{self.n_val} value slots)"]
+        lines += [f"{i:5d}  {s.format()}" for i, s in enumerate(self.steps)]
+        return "\n".join(lines)
+
+    def iter_rule_steps(self) -> Iterable[Step]:
+        for s in self.steps:
+            if s.kind == "fused":
+                yield from s.body
+            elif s.kind == "rule":
+                yield s
+
+
+# ---------------------------------------------------------------------------------------------
+# codec
+
+
+def _enc_value_op(v: ValueOp) -> list:
+    return [v.kind, v.node, v.attr, list(v.ins), list(v.outs)]
+
+
+def _enc_step(s: Step) -> list:
+    return [s.kind, s.node, s.rule, list(s.rel_in), list(s.rel_out),
+            [[p, src] for p, src in s.vals], dict(s.params),
+            [_enc_value_op(v) for v in s.chain], [_enc_step(b) for b in s.body],
+            list(s.free_rel), list(s.free_val)]
+
+
+def encode(plan: Plan) -> bytes:
+    """Serialize a plan to msgpack bytes (schema :data:`SCHEMA_VERSION`)."""
+    doc = {
+        "magic": MAGIC,
+        "schema": SCHEMA_VERSION,
+        "key": plan.key,
+        "header": dict(plan.header),
+        "n_rel": plan.n_rel,
+        "n_val": plan.n_val,
+        "targets": [dict(t) for t in plan.targets],
+        "assumptions": list(plan.assumptions),
+        "stats": dict(plan.stats),
+        "steps": [_enc_step(s) for s in plan.steps],
+    }
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _t(x: Any) -> tuple:
+    if not isinstance(x, list):
+        raise PlanError(f"expected a list, got {type(x).__name__}")
+    return tuple(x)
+
+
+def _dec_value_op(d: Any) -> ValueOp:
+    kind, node, attr, ins, outs = d
+    return ValueOp(str(kind), int(node), str(attr), _t(ins), _t(outs))
+
+
+def _dec_step(d: Any) -> Step:
+    (kind, node, rule, rel_in, rel_out, vals, params, chain, body, free_rel, free_val) = d
+    if not isinstance(params, dict):
+        raise PlanError("step params must be a map")
+    return Step(str(kind), int(node), str(rule), _t(rel_in), _t(rel_out),
+                tuple((int(p), src) for p, src in vals), params,
+                tuple(_dec_value_op(v) for v in chain), tuple(_dec_step(b) for b in body),
+                _t(free_rel), _t(free_val))
+
+
+def decode(data: bytes) -> Plan:
+    """Parse msgpack bytes into a :class:`Plan` and run :func:`check_plan` on it."""
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise PlanError(f"not a msgpack document: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
+        raise PlanError("not an lrpplan plan (bad magic)")
+    if doc.get("schema") != SCHEMA_VERSION:
+        raise PlanError(f"plan schema {doc.get('schema')!r}, expected {SCHEMA_VERSION}")
+    try:
+        plan = Plan(
+            key=str(doc["key"]), header=dict(doc["header"]),
+            steps=tuple(_dec_step(s) for s in doc["steps"]),
+            n_rel=int(doc["n_rel"]), n_val=int(doc["n_val"]),
+            targets=tuple(dict(t) for t in doc["targets"]),
+            assumptions=tuple(str(a) for a in doc["assumptions"]),
+            stats=dict(doc["stats"]),
+        )
+    except PlanError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"malformed plan: {exc!r}") from exc
+    check_plan(plan)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# checker
+
+
+def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = None) -> None:
+    """Validate a plan before any step runs.
+
+    Invariants checked:
+
+    1. every step kind is in :data:`STEP_KINDS`, every value-op kind in :data:`VALUE_KINDS`;
+    2. every rule name is registered in :data:`lrpplan.rules.RULES`;
+    3. node ids are in ``[0, n_nodes)`` (when ``n_nodes`` is given) and non-negative;
+    4. relevance slots are in ``[-1, n_rel)``, value slots in ``[-1, n_val)``;
+    5. a value slot is written before it is read; a relevance slot read by a step was written
+       by an earlier step;
+    6. the plan's key equals ``key`` (when given) and the header names the plan format version.
+    """
+    from .fingerprint import PLAN_FORMAT_VERSION
+    from .rules import RULES
+
+    if key is not None and plan.key != key:
+        raise PlanError(f"plan key {plan.key} does not match the graph's fingerprint {key}")
+    if plan.header.get("format") != PLAN_FORMAT_VERSION:
+        raise PlanError(f"plan format {plan.header.get('format')!r}, "
+                        f"expected {PLAN_FORMAT_VERSION}")
+    written_rel: set[int] = set()
+    written_val: set[int] = set()
+    n_targets = len(plan.targets)
+
+    def node_ok(i: int, where: str) -> None:
+        if i < 0 or (n_nodes is not None and i >= n_nodes):
+            raise PlanError(f"{where}: node id {i} out of range")
+
+    def check_vop(v: ValueOp, where: str) -> None:
+        if v.kind not in VALUE_KINDS:
+            raise PlanError(f"{where}: unknown value op {v.kind!r}")
+        node_ok(v.node, where)
+        if v.kind == "saved" and not v.attr.startswith("_saved_"):
+            raise PlanError(f"{where}: attribute {v.attr!r} is not a saved attribute")
+        for s in v.ins:
+            if s != -1 and s not in written_val:
+                raise PlanError(f"{where}: value slot {s} read before it is written")
+        for s in v.outs:
+            if not -1 <= s < plan.n_val:
+                raise PlanError(f"{where}: value slot {s} out of range")
+            written_val.add(s)
+
+    def check_step(s: Step, where: str) -> None:
+        if s.kind not in STEP_KINDS:
+            raise PlanError(f"{where}: unknown step kind {s.kind!r}")
+        node_ok(s.node, where)
+        for v in s.chain:
+            check_vop(v, where)
+        if s.kind == "fused":
+            if not s.body:
+                raise PlanError(f"{where}: fused step without body")
+            for j, b in enumerate(s.body):
+                if b.kind != "rule":
+                    raise PlanError(f"{where}.{j}: fused body holds a {b.kind!r} step")
+                check_step(b, f"{where}.{j}")
+            return
+        for r in s.rel_in:
+            if r != -1 and r not in written_rel:
+                raise PlanError(f"{where}: relevance slot {r} read before it is written")
+        if s.kind == "collect":
+            t = s.params.get("target")
+            if not isinstance(t, int) or not 0 <= t < n_targets:
+                raise PlanError(f"{where}: collect target {t!r} out of range")
+            return
+        if s.rule not in RULES:
+            raise PlanError(f"{where}: unknown rule {s.rule!r}")
+        for p, src in s.vals:
+            if isinstance(src, int) and src not in written_val:
+                raise PlanError(f"{where}: value slot {src} read before it is written")
+            if isinstance(src, str) and not src.startswith("_saved_"):
+                raise PlanError(f"{where}: attribute {src!r} is not a saved attribute")
+        for r in s.rel_out:
+            if not -1 <= r < plan.n_rel:
+                raise PlanError(f"{where}: relevance slot {r} out of range")
+            if r != -1:
+                written_rel.add(r)
+
+    for i, s in enumerate(plan.steps):
+        check_step(s, f"step {i}")

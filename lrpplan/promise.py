@@ -1,0 +1,271 @@
+"""Promises: recovering forward values the autograd graph did not save (paper §4.3, App. D–E).
+
+A rule that needs an input value (the z-rule of an ``AddBackward0``, the logits of a softmax, the
+input of a ``MeanBackward1``) asks for the value flowing along one input edge. If the graph holds
+it (a leaf's variable, the producer's saved result, or a *sibling* consumer's saved input) it is
+loaded directly. Otherwise a :class:`Promise` is opened at the rule's node (the *origin*) with one
+:class:`PromiseBranch` per missing input. A branch walks down the graph through nodes that saved
+nothing useful (its *internal* nodes) until it reaches *Arg* nodes whose outputs can be had, then
+the forward chain re-runs the internal nodes' forward ops back up to the origin. An internal node
+with several missing inputs opens a nested Promise: a Promise tree.
+
+How the paper's mechanics map onto this resolver:
+
+- *Pre-Promises* (App. D.3): branches always reach ahead of the traversal frontier to their Arg
+  nodes without propagating relevance; relevance through internal nodes follows later, when the
+  traversal reaches them, so the deadlock of §4.3.3 cannot occur.
+- *Input aggregation* (App. E): resolved values are memoised per edge, so two Promises never
+  replay the same internal node twice (internal nodes are disjoint across Promises), and relevance
+  reaching a node from several consumers is summed before the node propagates, exactly once.
+
+The resolver is structural: :meth:`ValueResolver.recipe` decides *how* a value is recovered
+without touching tensors, :meth:`ValueResolver.materialize` emits the :class:`~lrpplan.plan.ValueOp`
+list (the forward chain that a plan stores inside a fused step) and runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+from .errors import GraphFreedError
+from .graph import Edge, Graph
+from .plan import ValueOp
+from .rules.base import OPS
+
+#: ("leaf", node) | ("saved", node, attr) | ("fwd", node, {pos: Edge | ("saved", node, attr) | None})
+Recipe = tuple
+_ZERO_OK = frozenset({"AddBackward0", "SubBackward0", "RsubBackward0", "AddBackward1",
+                      "SubBackward1", "RsubBackward1"})
+
+
+def read_saved(node: Any, attr: str) -> Any:
+    """``getattr(node, attr)`` that tells a freed graph from a tensor modified in place."""
+    try:
+        return getattr(node, attr)
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "backward through the graph a second time" in msg or "already been freed" in msg:
+            raise GraphFreedError(
+                "the graph's saved tensors were freed by an earlier backward()/autograd.grad(); "
+                "explain before calling backward, or pass retain_graph=True to it") from exc
+        if "modified by an inplace operation" in msg:
+            return None
+        raise
+
+
+@dataclass
+class PromiseBranch:
+    """The search for one missing input value of a Promise's origin."""
+
+    input_pos: int
+    edge: Edge
+    arg_nodes: list[int] = field(default_factory=list)
+    internal: list[int] = field(default_factory=list)
+    children: list["Promise"] = field(default_factory=list)
+
+
+@dataclass
+class Promise:
+    """Deferred propagation at ``origin`` until its missing input values are recovered."""
+
+    origin: int
+    branches: list[PromiseBranch] = field(default_factory=list)
+
+    def depth(self) -> int:
+        """Longest forward chain (number of replayed nodes) over all branches and subtrees."""
+        best = 0
+        for b in self.branches:
+            sub = max((c.depth() for c in b.children), default=0)
+            best = max(best, len(b.internal) + sub)
+        return best
+
+    def internal_nodes(self) -> list[int]:
+        out: list[int] = []
+        for b in self.branches:
+            out += b.internal
+            for c in b.children:
+                out += c.internal_nodes()
+        return out
+
+
+class ValueResolver:
+    """Finds and recovers forward values along graph edges; memoises per edge.
+
+    Parameters
+    ----------
+    graph:
+        the captured graph.
+    new_slot:
+        allocates a fresh value slot.
+    execute:
+        runs a :class:`ValueOp` against the live graph (the tracer's executor).
+    """
+
+    def __init__(self, graph: Graph, new_slot: Callable[[], int],
+                 execute: Callable[[ValueOp], None]) -> None:
+        self.graph = graph
+        self.new_slot = new_slot
+        self.execute = execute
+        self.recipes: dict[Edge, Optional[Recipe]] = {}
+        self.slots: dict[Edge, int] = {}
+        self.fwd_outs: dict[int, tuple[int, ...]] = {}
+        self.assumptions: list[str] = []
+
+    # -- structural decision ----------------------------------------------------------------
+
+    def direct(self, edge: Edge) -> Optional[Recipe]:
+        """A source that holds the value already (no forward replay), or None."""
+        g = self.graph
+        pid, nr = edge
+        ptype = g.types[pid]
+        if ptype == "AccumulateGrad":
+            return ("leaf", pid)
+        spec = OPS.get(ptype)
+        if spec is not None and nr in spec.saved_outputs:
+            attr = spec.saved_outputs[nr]
+            if read_saved(g.nodes[pid], attr) is not None:
+                return ("saved", pid, attr)
+        for c, pos in g.consumers(pid):
+            if g.edges[c][pos] != edge:
+                continue
+            cspec = OPS.get(g.types[c])
+            attr = cspec.saved_inputs.get(pos) if cspec is not None else None
+            if attr and read_saved(g.nodes[c], attr) is not None:
+                return ("saved", c, attr)
+        return None
+
+    def recipe(self, edge: Edge) -> Optional[Recipe]:
+        """How the value on ``edge`` can be had, or None if it cannot (memoised, iterative)."""
+        if edge in self.recipes:
+            return self.recipes[edge]
+        g = self.graph
+        stack = [edge]
+        while stack:
+            e = stack[-1]
+            if e in self.recipes:
+                stack.pop()
+                continue
+            found = self.direct(e)
+            if found is not None:
+                self.recipes[e] = found
+                stack.pop()
+                continue
+            pid = e[0]
+            spec = OPS.get(g.types[pid])
+            if spec is None or spec.forward is None:
+                self.recipes[e] = None
+                stack.pop()
+                continue
+            positions = spec.forward_inputs
+            if positions is None:
+                positions = tuple(range(len(g.edges[pid])))
+            ins: dict[int, Any] = {}
+            pending: list[Edge] = []
+            ok = True
+            for pos in positions:
+                attr = spec.saved_inputs.get(pos)
+                if attr and read_saved(g.nodes[pid], attr) is not None:
+                    ins[pos] = ("saved", pid, attr)
+                    continue
+                child = g.edges[pid][pos] if pos < len(g.edges[pid]) else None
+                if child is None:
+                    if g.types[pid] in _ZERO_OK or spec.forward_inputs is not None:
+                        ins[pos] = None
+                        continue
+                    ok = False
+                    break
+                if child in self.recipes:
+                    if self.recipes[child] is None:
+                        ok = False
+                        break
+                    ins[pos] = child
+                else:
+                    pending.append(child)
+            if not ok:
+                self.recipes[e] = None
+                stack.pop()
+            elif pending:
+                stack.extend(pending)
+            else:
+                self.recipes[e] = ("fwd", pid, ins)
+                stack.pop()
+        return self.recipes[edge]
+
+    def recoverable(self, edge: Optional[Edge]) -> bool:
+        return edge is not None and self.recipe(edge) is not None
+
+    # -- materialisation ----------------------------------------------------------------------
+
+    def materialize(self, edge: Edge, chain: list[ValueOp],
+                    branch: Optional[PromiseBranch] = None) -> int:
+        """Emit (into ``chain``) and run the value ops recovering ``edge``; return its slot."""
+        if edge in self.slots:
+            return self.slots[edge]
+        if self.recipe(edge) is None:
+            raise KeyError(edge)
+        stack: list[Edge] = [edge]
+        while stack:
+            e = stack[-1]
+            if e in self.slots:
+                stack.pop()
+                continue
+            rec = self.recipes[e]
+            kind = rec[0]
+            if kind in ("leaf", "saved"):
+                slot = self.new_slot()
+                op = ValueOp(kind, rec[1], rec[2] if kind == "saved" else "", (), (slot,))
+                self._emit(op, chain)
+                self.slots[e] = slot
+                if branch is not None:
+                    branch.arg_nodes.append(rec[1])
+                stack.pop()
+                continue
+            pid, ins = rec[1], rec[2]
+            if pid in self.fwd_outs:  # another output of a multi-output node already replayed
+                self.slots[e] = self._out_slot(pid, e[1])
+                stack.pop()
+                continue
+            pending = [c for c in ins.values()
+                       if isinstance(c, tuple) and len(c) == 2 and c not in self.slots]
+            if pending:
+                stack.extend(pending)
+                continue
+            in_slots = []
+            n_in = max(len(self.graph.edges[pid]), max(ins, default=-1) + 1)
+            for pos in range(n_in):
+                src = ins.get(pos)
+                if src is None:
+                    if pos in ins and self.graph.edges[pid][pos] is None and \
+                            self.graph.types[pid] in _ZERO_OK:
+                        self.assumptions.append(
+                            f"{self.graph.types[pid]} #{pid}: forward value recomputed with "
+                            "its unsaved constant operand taken as 0")
+                    in_slots.append(-1)
+                elif len(src) == 3:  # the node's own saved input
+                    slot = self.new_slot()
+                    self._emit(ValueOp("saved", pid, src[2], (), (slot,)), chain)
+                    in_slots.append(slot)
+                else:
+                    in_slots.append(self.slots[src])
+            n_out = self._n_outputs(pid)
+            outs = tuple(self.new_slot() for _ in range(n_out))
+            self._emit(ValueOp("fwd", pid, "", tuple(in_slots), outs), chain)
+            self.fwd_outs[pid] = outs
+            if branch is not None:
+                branch.internal.append(pid)
+            self.slots[e] = outs[e[1]]
+            stack.pop()
+        return self.slots[edge]
+
+    def _n_outputs(self, pid: int) -> int:
+        return max(1, len(self.graph.nodes[pid]._input_metadata))
+
+    def _out_slot(self, pid: int, nr: int) -> int:
+        return self.fwd_outs[pid][nr]
+
+    def _emit(self, op: ValueOp, chain: list[ValueOp]) -> None:
+        self.execute(op)
+        chain.append(op)
+
+
+ValSource = Union[int, str]

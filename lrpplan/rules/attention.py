@@ -1,0 +1,123 @@
+"""Fused scaled-dot-product attention nodes (CPU flash, CUDA flash / efficient / cuDNN).
+
+Decomposed into the rules of its parts: ``u = q kᵀ · scale``, ``x = u + mask``, ``s = softmax(x)``,
+``o = s v``. AV and QKᵀ use the AttnLRP uniform ε-rule (the ε-rule in full when only one side
+leads to a target), the softmax the AttnLRP softmax rule, a float mask absorbs its z-rule share.
+The node saves q, k, v, the mask, ``scale`` and ``is_causal``, so no Promise is needed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import LRPError
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+from .softmax import softmax_relevance
+
+_SDPA_TYPES = [
+    "ScaledDotProductFlashAttentionForCpuBackward0",
+    "ScaledDotProductFlashAttentionBackward0",
+    "ScaledDotProductEfficientAttentionBackward0",
+    "ScaledDotProductCudnnAttentionBackward0",
+    "ScaledDotProductFusedAttentionOverrideableBackward0",
+]
+
+
+def _saved(node, *names):
+    for name in names:
+        if hasattr(node, name):
+            return getattr(node, name)
+    return None
+
+
+def attention_parts(node, dtype):
+    """Rebuild (q, k, v, u, x, s, float_mask, groups) from what the SDPA node saved."""
+    q = as_rel(node._saved_query, dtype)
+    k = as_rel(node._saved_key, dtype)
+    v = as_rel(node._saved_value, dtype)
+    groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 else 1
+    if groups > 1:  # grouped-query attention
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    scale = _saved(node, "_saved_scale")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    u = (q @ k.transpose(-1, -2)) * scale
+    x = u
+    mask = _saved(node, "_saved_attn_mask", "_saved_attn_bias")
+    float_mask = False
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            x = x.masked_fill(~mask, float("-inf"))
+        else:
+            x = x + as_rel(mask, dtype)
+            float_mask = True
+    if bool(_saved(node, "_saved_is_causal")):
+        L, S = u.shape[-2], u.shape[-1]
+        keep = torch.ones(L, S, dtype=torch.bool, device=u.device).tril()
+        x = x.masked_fill(~keep, float("-inf"))
+    s = torch.softmax(x, -1)
+    return q, k, v, u, x, s, float_mask, groups, scale
+
+
+def _fold_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return t
+    shape = t.shape
+    t = t.reshape(*shape[:-3], shape[-3] // groups, groups, shape[-2], shape[-1])
+    return t.sum(-3)
+
+
+@register_rule
+class SDPARule(Rule):
+    name = "sdpa"
+    defaults = {"epsilon": 1e-6}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        dropout = float(_saved(info.node, "_saved_dropout_p") or 0.0)
+        if dropout > 0.0:
+            raise LRPError(
+                f"{info.node_type} ran with dropout_p={dropout}: the dropout mask is not "
+                "recoverable from the graph. Explain the model in eval() mode.")
+        send = tuple(l and not n for l, n in zip(info.live_inputs, info.none_inputs))
+        send = send[:3] + (False,) * (info.n_inputs - 3)
+        return Decision(values=(), send=send)
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        eps = p["epsilon"]
+        send_q, send_k, send_v = p["send"][:3]
+        q, k, v, u, x, s, float_mask, groups, scale = attention_parts(node, r.dtype)
+        o = s @ v
+        so = r / stabilize(o, eps)
+        both_av = send_v and (send_q or send_k)
+        share = 0.5 if both_av else 1.0
+        out = [None] * len(p["send"])
+        if send_v:
+            out[2] = _fold_groups(share * v * (s.transpose(-1, -2) @ so), groups)
+        if not (send_q or send_k):
+            return out
+        r_s = share * s * (so @ v.transpose(-1, -2))
+        r_x = softmax_relevance(torch.where(s > 0, x, torch.zeros((), dtype=x.dtype)), s, r_s, -1)
+        if float_mask:
+            r_u = torch.where(s > 0, u * r_x / stabilize(x, eps), torch.zeros((), dtype=x.dtype))
+        else:
+            r_u = r_x
+        su = r_u / stabilize(u, eps)
+        share = 0.5 if (send_q and send_k) else 1.0
+        if send_q:
+            out[0] = share * q * ((su @ k) * scale)
+        if send_k:
+            out[1] = _fold_groups(share * k * ((su.transpose(-1, -2) @ q) * scale), groups)
+        return out
+
+
+def _sdpa_forward(node, vals):
+    q, k, v, u, x, s, *_ = attention_parts(node, node._saved_query.dtype)
+    return [s @ v]
+
+
+register_op(_SDPA_TYPES, "sdpa",
+            saved_inputs={0: "_saved_query", 1: "_saved_key", 2: "_saved_value"},
+            saved_outputs={0: "_saved_output"}, forward=_sdpa_forward, forward_inputs=(),
+            key_attrs=("is_causal",))

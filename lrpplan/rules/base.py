@@ -1,0 +1,189 @@
+"""The rule registry: one :class:`OpSpec` per autograd node type, one :class:`Rule` per rule name.
+
+An *op spec* says what the graph gives for a node type: where the node saved its input values,
+whether it saved its output, how to re-run its forward operation (for Promise chains), and which
+non-tensor saved attributes change what a rule does (they go into the fingerprint).
+
+A *rule* says how relevance crosses the node. Rules are looked up by name, so a plan stores only
+names and plain parameters. The traversal and the replay know no operation by name; they ask this
+registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+MaybeTensor = Optional[Tensor]
+
+#: forward(node, input_values) -> output values (one per forward output)
+ForwardFn = Callable[[Any, Sequence[MaybeTensor]], Sequence[Tensor]]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What the autograd graph offers for one node type.
+
+    Attributes
+    ----------
+    node_type:
+        ``type(node).__name__``, e.g. ``"AddmmBackward0"``.
+    rule:
+        name of the default rule family (a key of :data:`RULES`).
+    saved_inputs:
+        input position -> ``_saved_*`` attribute holding that input's forward value.
+    saved_outputs:
+        output number -> ``_saved_*`` attribute holding that forward output.
+    forward:
+        re-runs the forward op from its input values (``None``: cannot be replayed).
+    forward_inputs:
+        the input positions ``forward`` needs (default: all).
+    key_attrs:
+        non-tensor saved attributes that go into the fingerprint.
+    broadcasts:
+        the op broadcasts its inputs: relevance for an input is summed back to the input's shape.
+    """
+
+    node_type: str
+    rule: str
+    saved_inputs: Mapping[int, str] = field(default_factory=dict)
+    saved_outputs: Mapping[int, str] = field(default_factory=dict)
+    forward: Optional[ForwardFn] = None
+    forward_inputs: Optional[tuple[int, ...]] = None
+    key_attrs: tuple[str, ...] = ()
+    broadcasts: bool = False
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def register_op(
+    node_types: str | Sequence[str],
+    rule: str,
+    *,
+    saved_inputs: Mapping[int, str] | None = None,
+    saved_outputs: Mapping[int, str] | None = None,
+    forward: ForwardFn | None = None,
+    forward_inputs: tuple[int, ...] | None = None,
+    key_attrs: tuple[str, ...] = (),
+    broadcasts: bool = False,
+) -> None:
+    """Register one or several node types sharing a spec."""
+    if isinstance(node_types, str):
+        node_types = (node_types,)
+    for name in node_types:
+        if name in OPS:
+            raise RuntimeError(f"op spec for {name!r} registered twice")
+        OPS[name] = OpSpec(
+            name, rule, dict(saved_inputs or {}), dict(saved_outputs or {}), forward,
+            forward_inputs, tuple(key_attrs), broadcasts,
+        )
+
+
+def op_spec(node_type: str) -> Optional[OpSpec]:
+    """The spec of a node type, or ``None`` if lrpplan does not know it."""
+    return OPS.get(node_type)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a rule decided at trace time for one node; stored in the plan step.
+
+    Attributes
+    ----------
+    values:
+        input positions whose forward values the rule needs at run time.
+    send:
+        per input position: whether relevance is sent there (structural, never value-dependent).
+    params:
+        plain (msgpack-able) parameters for :meth:`Rule.run`.
+    assumption:
+        a documented assumption this node's rule makes (recorded with the result), or ``""``.
+    """
+
+    values: tuple[int, ...]
+    send: tuple[bool, ...]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    assumption: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Trace-time view of a node given to :meth:`Rule.decide`."""
+
+    node: Any
+    node_type: str
+    n_inputs: int
+    n_outputs: int
+    live_inputs: tuple[bool, ...]  # input edge leads (eventually) to an attribution target
+    none_inputs: tuple[bool, ...]  # input edge is (None, 0): a constant autograd does not track
+    input_shapes: tuple[Optional[tuple[int, ...]], ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    recoverable: Callable[[int], bool]  # can the forward value of input i be had?
+
+
+class Rule:
+    """How relevance crosses one kind of node.
+
+    Subclasses set ``name`` and implement :meth:`decide` (trace time, structural) and :meth:`run`
+    (every time; pure tensor math, no traversal). ``run`` receives the relevance at each forward
+    output (``None`` where none arrived), the forward values of the inputs listed in
+    ``Decision.values`` (others ``None``) and ``Decision.params`` merged with the rule-set
+    parameters; it returns relevance per input (``None`` where ``Decision.send`` is False).
+    """
+
+    name: str = ""
+    #: parameter names this rule reads from the rule set, with defaults
+    defaults: Mapping[str, Any] = {}
+
+    def decide(self, info: NodeInfo) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, node: Any, rel: Sequence[MaybeTensor], vals: Sequence[MaybeTensor],
+            p: Mapping[str, Any]) -> list[MaybeTensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(cls: type[Rule]) -> type[Rule]:
+    """Class decorator: instantiate the rule and file it under ``cls.name``."""
+    if not cls.name or cls.name in RULES:
+        raise RuntimeError(f"rule name {cls.name!r} empty or registered twice")
+    RULES[cls.name] = cls()
+    return cls
+
+
+def get_rule(name: str) -> Rule:
+    """The rule registered under ``name`` (KeyError names the known rules)."""
+    try:
+        return RULES[name]
+    except KeyError:
+        raise KeyError(f"unknown rule {name!r}; known: {sorted(RULES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# small tensor helpers shared by rules
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention)."""
+    if eps == 0.0:
+        return z
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum a broadcast tensor back to ``shape`` (the transpose of broadcasting)."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    return t.sum_to_size(shape) if len(shape) else t.sum()
+
+
+def as_rel(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast a forward value to the relevance dtype (fp32 accumulation for half models)."""
+    return t if t.dtype == dtype else t.to(dtype)

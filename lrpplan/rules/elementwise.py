@@ -1,0 +1,202 @@
+"""Element-wise ops: unary nonlinearities (identity rule), sums/differences (z-rule), products.
+
+- Unary nonlinearities (ReLU, GELU, SiLU, tanh, exp, rsqrt...): identity, ``R_in = R_out``.
+- Add / Sub / Rsub: z-rule. Each operand gets its signed share ``c_i v_i / stab(z) * R``; an operand
+  that leads to no attribution target absorbs its share (like a bias). A constant autograd did not
+  save (a ``(None, 0)`` edge, a Python scalar) has an unknown value: it is taken as 0, a documented
+  assumption recorded with the result.
+- Mul / Div of two variables: AttnLRP uniform rule (half each); with one constant operand or a
+  broadcast scale (normalisers), everything goes to the full-shape variable operand.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import (Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize,
+                   sum_to)
+
+# ---------------------------------------------------------------------------------------------
+# unary nonlinearities: identity rule; forward replays for Promise chains
+
+_UNARY = {
+    "ReluBackward0": (lambda n, x: torch.relu(x), {}, {0: "_saved_result"}),
+    "GeluBackward0": (lambda n, x: F.gelu(x, approximate=n._saved_approximate),
+                      {0: "_saved_self"}, {}),
+    "SiluBackward0": (lambda n, x: F.silu(x), {0: "_saved_self"}, {}),
+    "TanhBackward0": (lambda n, x: torch.tanh(x), {}, {0: "_saved_result"}),
+    "SigmoidBackward0": (lambda n, x: torch.sigmoid(x), {}, {0: "_saved_result"}),
+    "SoftplusBackward0": (lambda n, x: F.softplus(x, n._saved_beta, n._saved_threshold),
+                          {0: "_saved_self"}, {}),
+    "EluBackward0": (lambda n, x: F.elu(x, n._saved_alpha), {0: "_saved_self"}, {}),
+    "HardswishBackward0": (lambda n, x: F.hardswish(x), {0: "_saved_self"}, {}),
+    "HardsigmoidBackward0": (lambda n, x: F.hardsigmoid(x), {0: "_saved_self"}, {}),
+    "MishBackward0": (lambda n, x: F.mish(x), {0: "_saved_self"}, {}),
+    "LeakyReluBackward0": (lambda n, x: F.leaky_relu(x, n._saved_negative_slope),
+                           {0: "_saved_self"}, {}),
+    "HardtanhBackward0": (lambda n, x: F.hardtanh(x, n._saved_min_val, n._saved_max_val),
+                          {0: "_saved_self"}, {}),
+    "ExpBackward0": (lambda n, x: torch.exp(x), {}, {0: "_saved_result"}),
+    "LogBackward0": (lambda n, x: torch.log(x), {0: "_saved_self"}, {}),
+    "NegBackward0": (lambda n, x: -x, {}, {}),
+    "AbsBackward0": (lambda n, x: x.abs(), {0: "_saved_self"}, {}),
+    "SqrtBackward0": (lambda n, x: torch.sqrt(x), {}, {0: "_saved_result"}),
+    "RsqrtBackward0": (lambda n, x: torch.rsqrt(x), {}, {0: "_saved_result"}),
+    "ReciprocalBackward0": (lambda n, x: torch.reciprocal(x), {}, {0: "_saved_result"}),
+    "PowBackward0": (lambda n, x: torch.pow(x, n._saved_exponent), {0: "_saved_self"}, {}),
+    "SinBackward0": (lambda n, x: torch.sin(x), {0: "_saved_self"}, {}),
+    "CosBackward0": (lambda n, x: torch.cos(x), {0: "_saved_self"}, {}),
+    "ErfBackward0": (lambda n, x: torch.erf(x), {0: "_saved_self"}, {}),
+    "LogSoftmaxBackward0": (lambda n, x: torch.log_softmax(x, _sdim(n)), {}, {}),
+    "LogSigmoidBackward0": (lambda n, x: F.logsigmoid(x), {0: "_saved_self"}, {}),
+    "ClampBackward1": (lambda n, x: torch.clamp(x, n._saved_min, n._saved_max),
+                       {0: "_saved_self"}, {}),
+    "ClampMinBackward0": (lambda n, x: torch.clamp_min(x, n._saved_min), {0: "_saved_self"}, {}),
+    "MulBackward1": (lambda n, x: x * n._saved_other, {}, {}),
+    "DivBackward1": (lambda n, x: x / n._saved_other, {}, {}),
+}
+
+
+def _sdim(n) -> int:
+    d = n._saved_dim
+    return d - (1 << 64) if d >= (1 << 63) else d
+
+
+def _unary_forward(fn):
+    return lambda node, vals: [fn(node, vals[0])]
+
+
+for _name, (_fn, _saved_in, _saved_out) in _UNARY.items():
+    register_op(_name, "identity", saved_inputs=_saved_in, saved_outputs=_saved_out,
+                forward=_unary_forward(_fn), forward_inputs=(0,),
+                key_attrs=("approximate",) if _name == "GeluBackward0" else ())
+
+# ---------------------------------------------------------------------------------------------
+# Add / Sub / Rsub: z-rule
+
+#: node type -> coefficient of each input in terms of the saved alpha ("1", "a", "-a", "-1")
+_ADD_COEFS = {
+    "AddBackward0": ("1", "a"),
+    "SubBackward0": ("1", "-a"),
+    "RsubBackward0": ("-a", "1"),
+    "AddBackward1": ("1",),
+    "SubBackward1": ("1",),
+    "RsubBackward1": ("-a",),
+}
+
+
+def _coefs(node, node_type: str) -> list[float]:
+    alpha = float(getattr(node, "_saved_alpha", 1) or 1)
+    table = {"1": 1.0, "a": alpha, "-a": -alpha, "-1": -1.0}
+    return [table[c] for c in _ADD_COEFS[node_type]]
+
+
+def _add_forward(node, vals):
+    coefs = _coefs(node, type(node).__name__)
+    out = None
+    for c, v in zip(coefs, vals):
+        if v is None:  # unsaved constant: taken as 0 (recorded by the caller)
+            continue
+        term = v if c == 1.0 else c * v
+        out = term if out is None else out + term
+    return [out]
+
+
+@register_rule
+class ZRule(Rule):
+    """``R_i = c_i v_i / stab(sum_j c_j v_j) * R`` over the operands whose values are known."""
+
+    name = "add"
+    defaults = {"epsilon": 1e-6}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        send = tuple(l and not n for l, n in zip(info.live_inputs, info.none_inputs))
+        share = [i for i in range(info.n_inputs)
+                 if not info.none_inputs[i] and (send[i] or info.recoverable(i))]
+        unknown = [i for i in range(info.n_inputs) if i not in share]
+        scalar_lost = info.n_inputs < 2  # AddBackward1 & co: the Python scalar is not an edge
+        assumption = ""
+        if unknown or scalar_lost:
+            assumption = (f"{info.node_type}: a constant operand autograd did not save is taken "
+                          "as 0 (its share of relevance goes to the other operands)")
+        if len(share) <= 1:
+            # a single known contribution carries all relevance: no values needed
+            return Decision(values=(), send=send, params={"mode": "pass"}, assumption=assumption)
+        return Decision(values=tuple(share), send=send,
+                        params={"mode": "z", "share": list(share)}, assumption=assumption)
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        send = p["send"]
+        out = [None] * len(send)
+        if p["mode"] == "pass":
+            for i, s in enumerate(send):
+                if s:
+                    out[i] = r  # broadcast operands are summed back by the executor (fit_shapes)
+            return out
+        coefs = _coefs(node, p["node_type"])
+        terms = {i: coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
+        z = None
+        for t in terms.values():
+            z = t if z is None else z + t
+        s = r / stabilize(z, p["epsilon"])
+        for i, t in terms.items():
+            if send[i]:
+                out[i] = sum_to(t * s, t.shape)
+        return out
+
+
+for _name in _ADD_COEFS:
+    register_op(_name, "add", forward=_add_forward, key_attrs=("alpha",), broadcasts=True)
+
+# ---------------------------------------------------------------------------------------------
+# Mul / Div
+
+
+def _mul_forward(node, vals):
+    return [vals[0] * vals[1]]
+
+
+def _div_forward(node, vals):
+    return [vals[0] / vals[1]]
+
+
+@register_rule
+class ProductRule(Rule):
+    """Uniform rule for a product of two variables; everything to the full-shape variable otherwise."""
+
+    name = "product"
+
+    def decide(self, info: NodeInfo) -> Decision:
+        live = [i for i in range(info.n_inputs) if info.live_inputs[i] and not info.none_inputs[i]]
+        send = [False] * info.n_inputs
+        out_numel = _numel(info.output_shapes[0])
+        if len(live) == 2:
+            full = [i for i in live if _numel(info.input_shapes[i]) == out_numel]
+            if len(full) == 1:  # broadcast scale (normaliser): all to the full-shape operand
+                live = full
+        for i in live:
+            send[i] = True
+        return Decision(values=(), send=tuple(send), params={"share": 1.0 / max(len(live), 1)})
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        share = p["share"]
+        out = [None] * len(p["send"])
+        for i, s in enumerate(p["send"]):
+            if s:
+                out[i] = r if share == 1.0 else r * share  # executor sums broadcast dims back
+        return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape or ():
+        n *= d
+    return n
+
+
+register_op("MulBackward0", "product", saved_inputs={0: "_saved_self", 1: "_saved_other"},
+            forward=_mul_forward, broadcasts=True)
+register_op("DivBackward0", "product", saved_inputs={0: "_saved_self", 1: "_saved_other"},
+            forward=_div_forward, broadcasts=True)

@@ -1,0 +1,269 @@
+"""Linear ops with two matrix operands (Addmm, Mm, Bmm, Mv, Baddbmm, Convolution).
+
+One operand leads to an attribution target, the other (a weight) does not: the ε-rule family,
+``R_x = x ⊙ VJP_x(R / stab(z))``, with Zennit's variants (z⁺, γ, αβ, flat, w², z-box) selected by
+the rule set's ``variant``; a bias absorbs its share. Both operands lead to targets (QKᵀ, AV,
+dynamic weights): the AttnLRP uniform ε-rule, half of each contribution to each operand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+
+T = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """How to run and differentiate ``z = f(a, b) + bias`` for one node type."""
+
+    a: int                      # input position of the left operand
+    b: int                      # input position of the right operand
+    bias: Optional[int]         # input position of the bias (None: none)
+    fwd: Callable[[Any, T, T, Optional[T]], T]
+    vjp_a: Callable[[Any, T, T, T], T]   # (node, s, a, b) -> dz/da^T s
+    vjp_b: Callable[[Any, T, T, T], T]   # (node, s, a, b) -> dz/db^T s
+
+
+def _alpha(n) -> float:
+    return float(getattr(n, "_saved_alpha", 1) or 1)
+
+
+def _beta(n) -> float:
+    return float(getattr(n, "_saved_beta", 1) or 1)
+
+
+def _conv_args(n):
+    return (list(n._saved_stride), list(n._saved_padding), list(n._saved_dilation),
+            bool(n._saved_transposed), list(n._saved_output_padding), int(n._saved_groups))
+
+
+def _conv_fwd(n, x, w, b):
+    stride, padding, dilation, transposed, out_pad, groups = _conv_args(n)
+    return torch.convolution(x, w, b, stride, padding, dilation, transposed, out_pad, groups)
+
+
+def _conv_vjp(n, s, x, w, mask):
+    stride, padding, dilation, transposed, out_pad, groups = _conv_args(n)
+    grads = torch.ops.aten.convolution_backward(
+        s, x, w, None, stride, padding, dilation, transposed, out_pad, groups, mask)
+    return grads[0] if mask[0] else grads[1]
+
+
+def _addmm_fwd(n, a, b, bias):
+    z = torch.mm(a, b)
+    if _alpha(n) != 1.0:
+        z = z * _alpha(n)
+    if bias is not None:
+        z = z + (bias if _beta(n) == 1.0 else _beta(n) * bias)
+    return z
+
+
+def _mm_vjp_a(n, s, a, b):
+    g = s @ b.transpose(-1, -2)
+    return g * _alpha(n) if _alpha(n) != 1.0 else g
+
+
+def _mm_vjp_b(n, s, a, b):
+    g = a.transpose(-1, -2) @ s
+    return g * _alpha(n) if _alpha(n) != 1.0 else g
+
+
+def _baddbmm_fwd(n, a, b, bias):
+    z = torch.bmm(a, b)
+    if _alpha(n) != 1.0:
+        z = z * _alpha(n)
+    return z if bias is None else z + _beta(n) * bias
+
+
+BILINEAR: dict[str, Bilinear] = {
+    "AddmmBackward0": Bilinear(1, 2, 0, _addmm_fwd, _mm_vjp_a, _mm_vjp_b),
+    "MmBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.mm(a, b),
+                            lambda n, s, a, b: s @ b.t(), lambda n, s, a, b: a.t() @ s),
+    "BmmBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.bmm(a, b),
+                             _mm_vjp_a, _mm_vjp_b),
+    "BaddbmmBackward0": Bilinear(1, 2, 0, _baddbmm_fwd, _mm_vjp_a, _mm_vjp_b),
+    "MvBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.mv(a, b),
+                            lambda n, s, a, b: torch.outer(s, b), lambda n, s, a, b: a.t() @ s),
+    "ConvolutionBackward0": Bilinear(
+        0, 1, 2, _conv_fwd,
+        lambda n, s, a, b: _conv_vjp(n, s, a, b, [True, False, False]),
+        lambda n, s, a, b: _conv_vjp(n, s, a, b, [False, True, False])),
+}
+
+
+def _forward(spec: Bilinear):
+    def fwd(node, vals):
+        bias = vals[spec.bias] if spec.bias is not None else None
+        return [spec.fwd(node, vals[spec.a], vals[spec.b], bias)]
+    return fwd
+
+
+register_op("AddmmBackward0", "linear", saved_inputs={1: "_saved_mat1", 2: "_saved_mat2"},
+            forward=_forward(BILINEAR["AddmmBackward0"]), key_attrs=("alpha", "beta"))
+register_op("MmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
+            forward=_forward(BILINEAR["MmBackward0"]))
+register_op("BmmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
+            forward=_forward(BILINEAR["BmmBackward0"]))
+register_op("BaddbmmBackward0", "linear",
+            saved_inputs={1: "_saved_batch1", 2: "_saved_batch2"},
+            forward=_forward(BILINEAR["BaddbmmBackward0"]), key_attrs=("alpha", "beta"))
+register_op("MvBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_vec"},
+            forward=_forward(BILINEAR["MvBackward0"]))
+register_op("ConvolutionBackward0", "linear",
+            saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+            forward=_forward(BILINEAR["ConvolutionBackward0"]),
+            key_attrs=("transposed", "groups", "stride", "dilation"))
+
+# ---------------------------------------------------------------------------------------------
+# ε-rule family for x (the operand leading to a target) and w (the one that does not)
+
+
+def _pos(t: T) -> T:
+    return t.clamp(min=0)
+
+
+def _neg(t: T) -> T:
+    return t.clamp(max=0)
+
+
+def _variant_epsilon(run, x, w, b, r, p):
+    z = run.fwd(x, w, b)
+    return x * run.vjp(r / stabilize(z, p["epsilon"]), x, w)
+
+
+def _variant_gamma(run, x, w, b, r, p):
+    g = p["gamma"]
+    wg = w + g * _pos(w)
+    bg = None if b is None else b + g * _pos(b)
+    z = run.fwd(x, wg, bg)
+    return x * run.vjp(r / stabilize(z, p["epsilon"]), x, wg)
+
+
+def _zplus_parts(run, x, w, b, r, eps):
+    """z⁺ (Zennit's ZPlus): positive contributions w⁺x⁺ + w⁻x⁻ (+ b⁺)."""
+    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
+    bp = None if b is None else _pos(b)
+    z = run.fwd(xp, wp, bp) + run.fwd(xn, wn, None)
+    s = r / stabilize(z, eps)
+    return xp * run.vjp(s, x, wp) + xn * run.vjp(s, x, wn)
+
+
+def _zminus_parts(run, x, w, b, r, eps):
+    """negative contributions w⁻x⁺ + w⁺x⁻ (+ b⁻)."""
+    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
+    bn = None if b is None else _neg(b)
+    z = run.fwd(xp, wn, bn) + run.fwd(xn, wp, None)
+    s = r / stabilize(z, eps)
+    return xp * run.vjp(s, x, wn) + xn * run.vjp(s, x, wp)
+
+
+def _variant_zplus(run, x, w, b, r, p):
+    return _zplus_parts(run, x, w, b, r, p["epsilon"])
+
+
+def _variant_alphabeta(run, x, w, b, r, p):
+    out = p["alpha"] * _zplus_parts(run, x, w, b, r, p["epsilon"])
+    if p["beta"]:
+        out = out - p["beta"] * _zminus_parts(run, x, w, b, r, p["epsilon"])
+    return out
+
+
+def _variant_flat(run, x, w, b, r, p):
+    ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
+    z = run.fwd(ones_x, ones_w, None)
+    return run.vjp(r / stabilize(z, p["epsilon"]), ones_x, ones_w)
+
+
+def _variant_wsquare(run, x, w, b, r, p):
+    ones_x, w2 = torch.ones_like(x), w * w
+    z = run.fwd(ones_x, w2, None)
+    return run.vjp(r / stabilize(z, p["epsilon"]), ones_x, w2)
+
+
+def _variant_zbox(run, x, w, b, r, p):
+    low = torch.full_like(x, p["low"]) if not isinstance(p["low"], torch.Tensor) else p["low"]
+    high = torch.full_like(x, p["high"]) if not isinstance(p["high"], torch.Tensor) else p["high"]
+    low, high = low.to(x).expand_as(x), high.to(x).expand_as(x)
+    wp, wn = _pos(w), _neg(w)
+    bp = None if b is None else _pos(b)
+    bn = None if b is None else _neg(b)
+    z = run.fwd(x, w, b) - run.fwd(low, wp, bp) - run.fwd(high, wn, bn)
+    s = r / stabilize(z, p["epsilon"])
+    return x * run.vjp(s, x, w) - low * run.vjp(s, low, wp) - high * run.vjp(s, high, wn)
+
+
+VARIANTS = {
+    "epsilon": _variant_epsilon,
+    "gamma": _variant_gamma,
+    "zplus": _variant_zplus,
+    "alphabeta": _variant_alphabeta,
+    "flat": _variant_flat,
+    "wsquare": _variant_wsquare,
+    "zbox": _variant_zbox,
+}
+
+
+class _Oriented:
+    """Presents ``z = f(x, w)`` with x either the left or the right operand."""
+
+    __slots__ = ("spec", "node", "x_is_a")
+
+    def __init__(self, spec: Bilinear, node: Any, x_is_a: bool) -> None:
+        self.spec, self.node, self.x_is_a = spec, node, x_is_a
+
+    def fwd(self, x: T, w: T, b: Optional[T]) -> T:
+        if self.x_is_a:
+            return self.spec.fwd(self.node, x, w, b)
+        return self.spec.fwd(self.node, w, x, b)
+
+    def vjp(self, s: T, x: T, w: T) -> T:
+        if self.x_is_a:
+            return self.spec.vjp_a(self.node, s, x, w)
+        return self.spec.vjp_b(self.node, s, w, x)
+
+
+@register_rule
+class LinearRule(Rule):
+    """ε-family rule for weight × activation; uniform ε-rule for activation × activation."""
+
+    name = "linear"
+    defaults = {"variant": "epsilon", "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0,
+                "beta": 1.0, "low": -3.0, "high": 3.0}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        spec = BILINEAR[info.node_type]
+        send = [False] * info.n_inputs
+        la = info.live_inputs[spec.a] and not info.none_inputs[spec.a]
+        lb = info.live_inputs[spec.b] and not info.none_inputs[spec.b]
+        send[spec.a], send[spec.b] = la, lb
+        values = [spec.a, spec.b]
+        if spec.bias is not None and not info.none_inputs[spec.bias]:
+            values.append(spec.bias)
+        mode = "bilinear" if (la and lb) else ("a" if la else "b")
+        return Decision(values=tuple(values), send=tuple(send), params={"mode": mode})
+
+    def run(self, node, rel, vals, p):
+        spec = BILINEAR[p["node_type"]]
+        r = rel[0]
+        a, b = as_rel(vals[spec.a], r.dtype), as_rel(vals[spec.b], r.dtype)
+        bias = None
+        if spec.bias is not None and vals[spec.bias] is not None:
+            bias = as_rel(vals[spec.bias], r.dtype)
+        out = [None] * len(p["send"])
+        mode = p["mode"]
+        if mode == "bilinear":
+            z = spec.fwd(node, a, b, bias)
+            s = r / stabilize(z, p["epsilon"])
+            out[spec.a] = 0.5 * a * spec.vjp_a(node, s, a, b)
+            out[spec.b] = 0.5 * b * spec.vjp_b(node, s, a, b)
+            return out
+        if mode == "a":
+            out[spec.a] = VARIANTS[p["variant"]](_Oriented(spec, node, True), a, b, bias, r, p)
+        else:
+            out[spec.b] = VARIANTS[p["variant"]](_Oriented(spec, node, False), b, a, bias, r, p)
+        return out

@@ -1,0 +1,154 @@
+"""Normalisation layers with the normaliser treated as a constant (AttnLRP identity rule).
+
+- LayerNorm / GroupNorm: ``y = (x − μ) · rstd · w + b``; ε-rule through the *centring* map
+  ``x ↦ (x − mean(x)) · rstd · w``: ``R_x = x ⊙ (c − mean(c))`` with ``c = w · rstd · R/stab(y)``.
+  The bias absorbs its share.
+- BatchNorm: an affine map per channel ``y = a·x + (b − a·μ)`` with fixed statistics (running
+  statistics in eval, the saved batch statistics in train mode, so each sample keeps its own
+  relevance); ``R_x = a·x · R/stab(y)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+
+
+def _layer_norm_parts(n, dtype):
+    x = as_rel(n._saved_input, dtype)
+    k = len(n._saved_normalized_shape)
+    mean = as_rel(n._saved_result1, dtype)
+    rstd = as_rel(n._saved_result2, dtype)
+    w = n._saved_weight
+    b = n._saved_bias
+    scale = rstd if w is None else rstd * as_rel(w, dtype)
+    return x, k, mean, scale, (None if b is None else as_rel(b, dtype))
+
+
+def _layer_norm_forward(n, vals):
+    x, k, mean, scale, b = _layer_norm_parts(n, n._saved_input.dtype)
+    y = (x - mean) * scale
+    return [y if b is None else y + b]
+
+
+@register_rule
+class CentredNorm(Rule):
+    """LayerNorm and GroupNorm: ε-rule through the centring map with a constant rstd."""
+
+    name = "centred_norm"
+    defaults = {"epsilon": 1e-6}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        send = (info.live_inputs[0],) + (False,) * (info.n_inputs - 1)
+        values = (2,) if info.node_type == "NativeGroupNormBackward0" and info.n_inputs > 2 \
+            and not info.none_inputs[2] else ()
+        return Decision(values=values, send=send)
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        if p["node_type"] == "NativeGroupNormBackward0":
+            return [_group_norm_rel(node, r, vals, p["epsilon"]), None, None][:len(p["send"])]
+        x, k, mean, scale, b = _layer_norm_parts(node, r.dtype)
+        y = (x - mean) * scale
+        if b is not None:
+            y = y + b
+        c = scale * (r / stabilize(y, p["epsilon"]))
+        dims = tuple(range(-k, 0))
+        out = [None] * len(p["send"])
+        out[0] = x * (c - c.mean(dims, keepdim=True))
+        return out
+
+
+def _group_norm_rel(n, r, vals, eps):
+    x = as_rel(n._saved_input, r.dtype)
+    N, C, G = int(n._saved_N), int(n._saved_C), int(n._saved_group)
+    shape = x.shape
+    xg = x.reshape(N, G, -1)
+    mean = as_rel(n._saved_result1, r.dtype).reshape(N, G, 1)
+    rstd = as_rel(n._saved_result2, r.dtype).reshape(N, G, 1)
+    w = n._saved_weight
+    bshape = (1, C) + (1,) * (len(shape) - 2)
+    wc = torch.ones(bshape, dtype=r.dtype, device=r.device) if w is None else \
+        as_rel(w, r.dtype).reshape(bshape)
+    y = ((xg - mean) * rstd).reshape(shape) * wc
+    bias = vals[2] if len(vals) > 2 else None
+    if bias is not None:
+        y = y + as_rel(bias, r.dtype).reshape(bshape)
+    c = (wc * (r / stabilize(y, eps))).reshape(N, G, -1) * rstd
+    return (xg * (c - c.mean(-1, keepdim=True))).reshape(shape)
+
+
+def _group_norm_forward(n, vals):
+    x = n._saved_input
+    N, C, G = int(n._saved_N), int(n._saved_C), int(n._saved_group)
+    xg = x.reshape(N, G, -1)
+    y = ((xg - n._saved_result1.reshape(N, G, 1)) * n._saved_result2.reshape(N, G, 1))
+    y = y.reshape(x.shape)
+    bshape = (1, C) + (1,) * (x.dim() - 2)
+    if n._saved_weight is not None:
+        y = y * n._saved_weight.reshape(bshape)
+    if len(vals) > 2 and vals[2] is not None:
+        y = y + vals[2].reshape(bshape)
+    return [y]
+
+
+def _bn_affine(n, dtype):
+    """Per-channel scale ``a`` and shift ``c`` with ``y = a·x + c`` (broadcast shape (1,C,1..))."""
+    x = n._saved_input
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    training = bool(getattr(n, "_saved_training", False))
+    if type(n).__name__ == "CudnnBatchNormBackward0":
+        training = training or n._saved_running_mean is None
+    if training:
+        mean = as_rel(n._saved_result1, dtype)
+        invstd = as_rel(n._saved_result2, dtype)
+    else:
+        eps = float(getattr(n, "_saved_eps", getattr(n, "_saved_epsilon", 1e-5)))
+        mean = as_rel(n._saved_running_mean, dtype)
+        invstd = torch.rsqrt(as_rel(n._saved_running_var, dtype) + eps)
+    w = n._saved_weight
+    a = invstd if w is None else invstd * as_rel(w, dtype)
+    return a.reshape(shape), mean.reshape(shape), shape
+
+
+@register_rule
+class AffineNorm(Rule):
+    """BatchNorm: ε-rule through ``y = a·x + c`` with fixed statistics; ``c`` absorbs."""
+
+    name = "affine_norm"
+    defaults = {"epsilon": 1e-6}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        send = (info.live_inputs[0],) + (False,) * (info.n_inputs - 1)
+        values = (2,) if info.n_inputs > 2 and not info.none_inputs[2] else ()
+        return Decision(values=values, send=send)
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        x = as_rel(node._saved_input, r.dtype)
+        a, mean, shape = _bn_affine(node, r.dtype)
+        ax = a * x
+        y = ax - a * mean
+        if len(vals) > 2 and vals[2] is not None:
+            y = y + as_rel(vals[2], r.dtype).reshape(shape)
+        out = [None] * len(p["send"])
+        out[0] = ax * (r / stabilize(y, p["epsilon"]))
+        return out
+
+
+def _bn_forward(n, vals):
+    x = n._saved_input
+    a, mean, shape = _bn_affine(n, x.dtype)
+    y = a * (x - mean)
+    if len(vals) > 2 and vals[2] is not None:
+        y = y + vals[2].reshape(shape)
+    return [y]
+
+
+register_op("NativeLayerNormBackward0", "centred_norm", saved_inputs={0: "_saved_input"},
+            forward=_layer_norm_forward, forward_inputs=(), key_attrs=("normalized_shape",))
+register_op("NativeGroupNormBackward0", "centred_norm", saved_inputs={0: "_saved_input"},
+            forward=_group_norm_forward, forward_inputs=(2,), key_attrs=("group",))
+register_op(["NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"],
+            "affine_norm", saved_inputs={0: "_saved_input"}, forward=_bn_forward,
+            forward_inputs=(2,), key_attrs=("training",))

@@ -1,0 +1,101 @@
+"""Single-input linear maps without bias (sum, mean, average pooling, bilinear upsampling).
+
+ε-rule ``R_x = x ⊙ VJP(R / stab(z))`` where the VJP is the autograd node itself and ``z`` the
+op's forward output recomputed from ``x`` (``x`` itself may need a Promise: Sum and Mean save
+no input).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+from .routing import _dim, out_shape
+
+
+@register_rule
+class LinearMap(Rule):
+    """ε-rule through a bias-free linear map of one input, differentiated by the node itself."""
+
+    name = "linear_map"
+    defaults = {"epsilon": 1e-6}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        send = (info.live_inputs[0] and not info.none_inputs[0],) + (False,) * (info.n_inputs - 1)
+        return Decision(values=(0,), send=send)
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        x = vals[0]
+        z = p["forward"](node, [x])[0]
+        s = r / stabilize(as_rel(z, r.dtype), p["epsilon"])
+        g = node(s.to(x.dtype) if x.dtype != s.dtype and x.dtype in (torch.float16, torch.bfloat16)
+                 else s)
+        g = g[0] if isinstance(g, tuple) else g
+        out = [None] * len(p["send"])
+        out[0] = as_rel(x, r.dtype) * as_rel(g, r.dtype)
+        return out
+
+
+def _dims(n):
+    d = n._saved_dim
+    return [_dim(x) for x in d] if isinstance(d, (tuple, list)) else [_dim(d)]
+
+
+def _sum_dim(n, v):
+    return [v[0].sum(_dims(n), keepdim=n._saved_keepdim)]
+
+
+def _mean_dim(n, v):
+    return [v[0].mean(_dims(n), keepdim=n._saved_keepdim)]
+
+
+def _adaptive_avg(n, v):
+    x = v[0]
+    size = out_shape(n)
+    nd = {3: 1, 4: 2, 5: 3}.get(len(size), 2)
+    fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[nd]
+    return [fn(x, size[-nd:])]
+
+
+def _avg_pool2d(n, v):
+    return [F.avg_pool2d(v[0], n._saved_kernel_size, n._saved_stride, n._saved_padding,
+                         n._saved_ceil_mode, n._saved_count_include_pad, n._saved_divisor_override)]
+
+
+def _avg_pool3d(n, v):
+    return [F.avg_pool3d(v[0], n._saved_kernel_size, n._saved_stride, n._saved_padding,
+                         n._saved_ceil_mode, n._saved_count_include_pad, n._saved_divisor_override)]
+
+
+def _upsample(mode):
+    def fwd(n, v):
+        size = out_shape(n)
+        nd = len(size) - 2
+        kwargs = {"align_corners": n._saved_align_corners}
+        if mode.endswith("_aa"):
+            return [F.interpolate(v[0], size=size[-nd:], mode=mode[:-3], antialias=True, **kwargs)]
+        return [F.interpolate(v[0], size=size[-nd:], mode=mode, **kwargs)]
+    return fwd
+
+
+register_op("SumBackward0", "linear_map", forward=lambda n, v: [v[0].sum()])
+register_op("SumBackward1", "linear_map", forward=_sum_dim, key_attrs=("dim", "keepdim"))
+register_op("MeanBackward0", "linear_map", forward=lambda n, v: [v[0].mean()])
+register_op("MeanBackward1", "linear_map", forward=_mean_dim, key_attrs=("dim", "keepdim"))
+register_op(["AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool1DBackward0",
+             "AdaptiveAvgPool3DBackward0"], "linear_map", saved_inputs={0: "_saved_self"},
+            forward=_adaptive_avg)
+register_op("AvgPool2DBackward0", "linear_map", saved_inputs={0: "_saved_self"},
+            forward=_avg_pool2d, key_attrs=("kernel_size", "stride", "padding"))
+register_op("AvgPool3DBackward0", "linear_map", saved_inputs={0: "_saved_self"},
+            forward=_avg_pool3d, key_attrs=("kernel_size", "stride", "padding"))
+register_op(["UpsampleBilinear2DBackward0", "UpsampleLinear1DBackward0",
+             "UpsampleTrilinear3DBackward0"], "linear_map",
+            forward=_upsample("bilinear"), key_attrs=("align_corners",))
+register_op("UpsampleBicubic2DBackward0", "linear_map", forward=_upsample("bicubic"),
+            key_attrs=("align_corners",))
+register_op("UpsampleBilinear2DAaBackward0", "linear_map", forward=_upsample("bilinear_aa"),
+            key_attrs=("align_corners",))
+register_op("UpsampleBicubic2DAaBackward0", "linear_map", forward=_upsample("bicubic_aa"),
+            key_attrs=("align_corners",))
