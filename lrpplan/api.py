@@ -144,7 +144,7 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
 
 
 def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
-               targets: list[dict], token_edges: Optional[list] = None):
+               targets: list[dict], token_inputs: Sequence[int] = ()):
     for o in outputs:
         if not isinstance(o, torch.Tensor) or o.grad_fn is None:
             raise InvalidInputError(
@@ -181,9 +181,8 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                 raise InvalidInputError(f"input {t['input']} is not a tensor")
             plan_targets.append({"edge": list(graph.edge_of(x)), "kind": "tensor",
                                  "index": t["input"]})
-    for node, index in token_edges or ():
-        nid = graph.index.get(node)
-        if nid is not None:
+    for index in token_inputs:
+        for nid in _embedding_nodes_for(ins[index], graph):
             plan_targets.append({"edge": [nid, 0], "kind": "tokens", "index": index})
     key = fingerprint(graph, [[t["edge"], t["kind"], t["index"]] for t in plan_targets],
                       ruleset.config())
@@ -269,22 +268,15 @@ def _scores(out: torch.Tensor, target: Target) -> tuple[torch.Tensor, Any]:
     return score, idx
 
 
-def _embedding_nodes_for(ids: torch.Tensor, graph_roots: list) -> list:
-    """EmbeddingBackward0 nodes whose saved indices are (a view of) ``ids``."""
+def _embedding_nodes_for(ids: torch.Tensor, graph: Graph) -> list[int]:
+    """Ids of EmbeddingBackward0 nodes whose saved indices are (a view of) ``ids``."""
     found = []
-    seen: set = set()
-    stack = [n for n, _ in graph_roots]
     storage = ids.untyped_storage().data_ptr()
-    while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        if type(n).__name__ == "EmbeddingBackward0":
-            idx = n._saved_indices
+    for nid, ntype in enumerate(graph.types):
+        if ntype == "EmbeddingBackward0":
+            idx = graph.nodes[nid]._saved_indices
             if idx.untyped_storage().data_ptr() == storage and idx.numel() == ids.numel():
-                found.append(n)
-        stack.extend(c for c, _ in n.next_functions)
+                found.append(nid)
     return found
 
 
@@ -338,15 +330,11 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
         score, idx = _scores(out, target)
     targets = [{"kind": "tensor", "input": k} for k, a in enumerate(ins)
                if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    token_edges = []
     if score.grad_fn is None:
         raise InvalidInputError("the model output does not depend on any input with gradients")
-    ge = torch.autograd.graph.get_gradient_edge(score)
-    for k, a in enumerate(ins):
-        if isinstance(a, torch.Tensor) and not a.is_floating_point() and not a.is_complex():
-            for node in _embedding_nodes_for(a, [(ge.node, ge.output_nr)]):
-                token_edges.append((node, k))
+    token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
+                    and not a.is_floating_point() and not a.is_complex()]
     rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins, targets,
-                                                token_edges)
+                                                token_inputs)
     relevance = rel[0] if len(ins) == 1 else tuple(rel)
     return Attribution(relevance, score.detach(), idx, ledger, cached, key, plan)
