@@ -104,7 +104,7 @@ class Executor:
                 self.rel[slot] = None  # each edge slot is read once, by its producer
             else:
                 rel.append(None)
-        vals: list[Any] = [None] * len(s.rel_out)
+        vals: list[Any] = [None] * (len(s.rel_out) + 1)  # last: the node's own output
         for pos, src in s.vals:
             vals[pos] = read_saved(node, src) if isinstance(src, str) else self.val[src]
         out = b.run(node, rel, vals, b.params)

@@ -212,6 +212,10 @@ class Tracer:
                 branch = PromiseBranch(pos, e)
                 promise.branches.append(branch)
             vals.append((pos, self.values.materialize(e, chain, branch)))
+        if decision.params.get("reuse_output") and n_out == 1:
+            # the forward output a consumer already saved: no recomputation at run time
+            if self.values.direct((n, 0)) is not None:
+                vals.append((len(edges), self.values.materialize((n, 0), chain)))
         rel_out = tuple(self._slot(e) if (send and self.edge_live(e)) else -1
                         for e, send in zip(edges, decision.send))
         merged = dict(params)

@@ -173,7 +173,7 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention)."""
     if eps == 0.0:
         return z
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:

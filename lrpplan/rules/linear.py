@@ -245,7 +245,8 @@ class LinearRule(Rule):
         if spec.bias is not None and not info.none_inputs[spec.bias]:
             values.append(spec.bias)
         mode = "bilinear" if (la and lb) else ("a" if la else "b")
-        return Decision(values=tuple(values), send=tuple(send), params={"mode": mode})
+        return Decision(values=tuple(values), send=tuple(send),
+                        params={"mode": mode, "reuse_output": True})
 
     def run(self, node, rel, vals, p):
         spec = BILINEAR[p["node_type"]]
@@ -256,14 +257,19 @@ class LinearRule(Rule):
             bias = as_rel(vals[spec.bias], r.dtype)
         out = [None] * len(p["send"])
         mode = p["mode"]
+        z_saved = vals[-1]  # the forward output, when a consumer saved it
         if mode == "bilinear":
-            z = spec.fwd(node, a, b, bias)
+            z = as_rel(z_saved, r.dtype) if z_saved is not None else spec.fwd(node, a, b, bias)
             s = r / stabilize(z, p["epsilon"])
             out[spec.a] = 0.5 * a * spec.vjp_a(node, s, a, b)
             out[spec.b] = 0.5 * b * spec.vjp_b(node, s, a, b)
             return out
-        if mode == "a":
-            out[spec.a] = VARIANTS[p["variant"]](_Oriented(spec, node, True), a, b, bias, r, p)
+        x_is_a = mode == "a"
+        run = _Oriented(spec, node, x_is_a)
+        x, w = (a, b) if x_is_a else (b, a)
+        if p["variant"] == "epsilon" and z_saved is not None:
+            y = x * run.vjp(r / stabilize(as_rel(z_saved, r.dtype), p["epsilon"]), x, w)
         else:
-            out[spec.b] = VARIANTS[p["variant"]](_Oriented(spec, node, False), b, a, bias, r, p)
+            y = VARIANTS[p["variant"]](run, x, w, bias, r, p)
+        out[spec.a if x_is_a else spec.b] = y
         return out

@@ -1,0 +1,456 @@
+"""The ``lrpplan`` command line: compile plans ahead of time, inspect them, manage the cache, demo.
+
+::
+
+    lrpplan demo [--out DIR] [--cache DIR] [--rules PRESET]
+    lrpplan compile MODULE:FACTORY --example 2x3x32x32[:DTYPE] [--example ...]
+                    [--rules PRESET] [--param NAME=VALUE] [--cache DIR] [--out FILE]
+    lrpplan inspect PLAN_FILE_OR_KEY [--cache DIR] [--steps]
+    lrpplan cache ls|verify|clear [--cache DIR]
+
+Every subcommand returns 0 on success and 1 on an error it can explain (the message starts with
+``lrpplan: error:``); usage errors return 2. ``--cache`` defaults to the user cache
+(``$LRPPLAN_CACHE``, else ``$XDG_CACHE_HOME/lrpplan``, else ``~/.cache/lrpplan``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["demo_model", "main", "parse_example"]
+
+DEMO_INPUT_SHAPE = (1, 3, 32, 32)
+DEMO_HEATMAP = "lrpplan-demo-heatmap.png"
+
+_DTYPES = {
+    "float32": "float32", "float": "float32", "f32": "float32",
+    "float64": "float64", "double": "float64", "f64": "float64",
+    "float16": "float16", "half": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "int64": "int64", "long": "int64", "i64": "int64",
+    "int32": "int32", "int": "int32", "i32": "int32",
+}
+_TOKEN_HIGH = 100  # token ids are drawn from [0, 100) unless the example says otherwise
+
+
+class CLIError(Exception):
+    """An error the command line reports as one line (exit code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _cache(path: Optional[str]) -> Any:
+    from .cache import PlanCache
+    return PlanCache(path) if path else PlanCache()
+
+
+def _plan_file(cache: Any, key: str) -> Path:
+    """Where ``cache`` stores the plan ``key`` (see cache/README.md for the layout)."""
+    from .cache import LAYOUT_VERSION, SUFFIX
+    return cache.path / f"plans-v{LAYOUT_VERSION}" / key[:2] / f"{key}{SUFFIX}"
+
+
+def parse_example(spec: str, seed: int = 0) -> Any:
+    """A random example input from ``"2x3x32x32"``, ``"2x16:int64"`` or ``"2x16:int64:1000"``.
+
+    Floating dtypes give ``torch.randn``; integer dtypes give token ids from
+    ``torch.randint(0, HIGH)`` with ``HIGH`` = 100 unless a third field names it.
+    """
+    import torch
+
+    parts = spec.split(":")
+    if not 1 <= len(parts) <= 3 or not re.fullmatch(r"\d+(x\d+)*", parts[0]):
+        raise CLIError(f"bad --example {spec!r}: expected a shape like 2x3x32x32, optionally "
+                       "followed by :DTYPE (float32, float64, int64/long...) and for integers "
+                       ":HIGH (token ids are drawn from [0, HIGH), default 100)")
+    shape = tuple(int(s) for s in parts[0].split("x"))
+    if any(s == 0 for s in shape):
+        raise CLIError(f"bad --example {spec!r}: every size must be positive")
+    name = parts[1].lower() if len(parts) > 1 else "float32"
+    if name not in _DTYPES:
+        raise CLIError(f"bad --example {spec!r}: unknown dtype {parts[1]!r}; "
+                       f"known: {', '.join(sorted(_DTYPES))}")
+    dtype = getattr(torch, _DTYPES[name])
+    gen = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        if len(parts) == 3:
+            raise CLIError(f"bad --example {spec!r}: HIGH is for integer (token id) inputs only")
+        return torch.randn(shape, generator=gen).to(dtype)
+    high = int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else _TOKEN_HIGH
+    if len(parts) == 3 and (not parts[2].isdigit() or high < 1):
+        raise CLIError(f"bad --example {spec!r}: HIGH must be a positive integer")
+    return torch.randint(0, high, shape, generator=gen, dtype=dtype)
+
+
+def _load_factory(spec: str) -> Any:
+    """Import ``MODULE:FACTORY`` (MODULE may be a dotted name or a ``.py`` file)."""
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise CLIError(f"expected MODULE:FACTORY (e.g. mymodels:make_cnn), got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise CLIError(f"no such file: {mod_name}")
+            ispec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(ispec)
+            sys.modules[path.stem] = module
+            ispec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise CLIError(f"cannot import {mod_name!r}: {exc} "
+                       f"(the current directory {cwd} is on the import path)") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _ruleset(name: Optional[str], params: Sequence[str]) -> Any:
+    from .config import RuleSet
+
+    kwargs: dict[str, float] = {}
+    for p in params:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise CLIError(f"bad --param {p!r}: expected NAME=VALUE, e.g. epsilon=1e-9")
+        try:
+            kwargs[key.strip()] = float(value)
+        except ValueError:
+            raise CLIError(f"bad --param {p!r}: {value!r} is not a number") from None
+    try:
+        return RuleSet.preset(name or "epsilon", **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _stats(plan: Any) -> dict[str, Any]:
+    """Plan statistics, computed from the steps where the plan's stats lack them."""
+    s = dict(plan.stats)
+    s.setdefault("steps", len(plan.steps))
+    s.setdefault("rule_steps", sum(1 for _ in plan.iter_rule_steps()))
+    s.setdefault("promises", 0)
+    s.setdefault("fused_internal_nodes", 0)
+    s.setdefault("max_promise_depth", 0)
+    s.setdefault("promise_density", s["promises"] / max(1, s.get("nodes", 1) or 1))
+    return s
+
+
+def _describe_ruleset(header: Any) -> str:
+    rules = header.get("rules") or {}
+    name = rules.get("name", "?")
+    extra = {k: v for k, v in rules.items() if k != "name" and v}
+    return name + (f" {extra}" if extra else "")
+
+
+def _bytes(n: int) -> str:
+    return f"{n} B" if n < 1024 else (f"{n / 1024:.1f} KiB" if n < 2**20 else
+                                      f"{n / 2**20:.1f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import explain
+    from .plan import encode
+
+    factory = _load_factory(args.factory)
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{args.factory} returned {type(model).__name__}, expected a "
+                       "torch.nn.Module (the factory takes no arguments and returns the model "
+                       "in the mode to explain, usually after .eval())")
+    examples = [parse_example(spec, seed=args.seed + i) for i, spec in enumerate(args.example)]
+    rules = _ruleset(args.rules, args.param)
+    cache = _cache(args.cache)
+    t0 = time.perf_counter()
+    attr = explain(model, *examples, rules=rules, cache=cache)
+    ms = (time.perf_counter() - t0) * 1e3
+    plan = attr.plan
+    s = _stats(plan)
+    mode = "train" if model.training else "eval"
+    print(f"compiled {args.factory} ({mode} mode) on "
+          f"{' '.join(args.example)} with rules {rules.name} in {ms:.1f} ms")
+    if model.training:
+        print("note: the model is in training mode (dropout, batch statistics); the factory "
+              "should return it in the mode to explain, usually after .eval()")
+    print(f"key: {attr.plan_key}")
+    print(f"nodes: {s.get('nodes', '?')}  steps: {s['steps']}  rule steps: {s['rule_steps']}  "
+          f"Promises: {s['promises']}")
+    for a in plan.assumptions:
+        print(f"assumption: {a}")
+    where = _plan_file(cache, attr.plan_key)
+    state = "already in the cache" if attr.cached else "stored"
+    print(f"cache: {where} ({state})" if where.is_file()
+          else f"cache: {cache.path} (could not store the plan, see the warning above)")
+    if args.out:
+        out = Path(args.out)
+        if out.parent != Path(""):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        data = encode(plan)
+        out.write_bytes(data)
+        print(f"written: {out} ({_bytes(len(data))})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _find_plan(ref: str, cache_dir: Optional[str]) -> tuple[bytes, str]:
+    """Plan bytes and where they came from, for a file path or a (prefix of a) cache key."""
+    path = Path(ref)
+    if path.is_file():
+        return path.read_bytes(), str(path)
+    if re.fullmatch(r"[0-9a-f]{4,32}", ref):
+        cache = _cache(cache_dir)
+        hits = [e for e in cache.entries() if e.key.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0].path.read_bytes(), str(hits[0].path)
+        if len(hits) > 1:
+            raise CLIError(f"{ref!r} matches {len(hits)} plans in {cache.path}; give more "
+                           "characters of the key")
+        raise CLIError(f"no plan {ref!r} in the cache {cache.path} (see `lrpplan cache ls`)")
+    raise CLIError(f"{ref!r} is neither a plan file nor a cache key (32 hex characters, or a "
+                   "unique prefix of at least 4)")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import PlanError
+    from .plan import decode
+
+    data, source = _find_plan(args.plan, args.cache)
+    try:
+        plan = decode(data)
+    except PlanError as exc:
+        raise CLIError(f"{source} is not a valid plan: {exc}") from exc
+    s = _stats(plan)
+    h = plan.header
+    print(f"plan {plan.key}")
+    print(f"source: {source} ({_bytes(len(data))})")
+    print(f"format {h.get('format')}, torch {h.get('torch')}, rules {_describe_ruleset(h)}")
+    print(f"nodes: {s.get('nodes', '?')}")
+    print(f"steps: {s['steps']}")
+    print(f"rule steps: {s['rule_steps']}")
+    print(f"Promises: {s['promises']}"
+          + (f" ({s['promise_branches']} branches)" if "promise_branches" in s else ""))
+    print(f"fused internal nodes: {s['fused_internal_nodes']}")
+    print(f"Promise density ρ: {float(s['promise_density']):.4f}")
+    print(f"max Promise depth: {s['max_promise_depth']}")
+    print(f"relevance slots: {plan.n_rel}, value slots: {plan.n_val}")
+    targets = ", ".join(f"{t.get('kind', '?')} input {t.get('index', '?')}" for t in plan.targets)
+    print(f"targets: {targets or 'none'}")
+    if plan.assumptions:
+        print("assumptions:")
+        for a in plan.assumptions:
+            print(f"  - {a}")
+    else:
+        print("assumptions: none")
+    if args.steps:
+        print()
+        print(plan.format())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .plan import decode
+
+    cache = _cache(args.cache)
+    if args.action == "ls":
+        entries = cache.entries()
+        for e in sorted(entries, key=lambda e: e.mtime, reverse=True):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime))
+            print(f"{e.key}  {_bytes(e.size):>10}  {when}")
+        total = sum(e.size for e in entries)
+        print(f"{len(entries)} plan{'s' if len(entries) != 1 else ''}, {_bytes(total)} "
+              f"in {cache.path}")
+        return 0
+    if args.action == "verify":
+        n = len(cache.entries())
+        bad = cache.verify(decode)
+        for key, msg in bad:
+            print(f"INVALID {key}: {msg}")
+        print(f"{n} plan{'s' if n != 1 else ''} checked, {len(bad)} invalid, in {cache.path}")
+        return 1 if bad else 0
+    removed = cache.clear()
+    print(f"removed {removed} plan{'s' if removed != 1 else ''} from {cache.path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def demo_model() -> Any:
+    """The demo CNN (random weights from ``torch.manual_seed(0)``, eval mode), for 3x32x32 input."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import Explainer
+
+    model = demo_model()
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(DEMO_INPUT_SHAPE, generator=gen)
+    x2 = torch.randn(DEMO_INPUT_SHAPE, generator=gen)
+    cache = _cache(args.cache)
+    rules = _ruleset(args.rules, [])
+    explainer = Explainer(model, rules=rules, cache=cache)
+    with torch.no_grad():
+        model(x1)  # warm up torch's kernels, so the timings below are the explanations'
+    shape = "x".join(map(str, DEMO_INPUT_SHAPE))
+    print(f"lrpplan demo: a small CNN (3 conv layers, BatchNorm, max-pool, linear head; random "
+          f"weights, eval mode) on a {shape} input, rules {rules.name}")
+    print(f"plan cache: {cache.path}")
+    results = []
+    for i, x in enumerate((x1, x2), 1):
+        t0 = time.perf_counter()
+        attr = explainer(x)
+        ms = (time.perf_counter() - t0) * 1e3
+        results.append(attr)
+        how = ("replayed the compiled plan" if attr.cached
+               else "traced the graph and compiled the plan")
+        print(f"explanation {i}: {ms:.2f} ms, cached={attr.cached} ({how}), "
+              f"target class {int(attr.target[0])}")
+    attr = results[-1]
+    s = _stats(attr.plan)
+    led = attr.ledger
+    print(f"plan key: {attr.plan_key}")
+    print(f"plan: {s.get('nodes', '?')} nodes, {s['steps']} steps ({s['rule_steps']} rule "
+          f"steps), {s['promises']} Promises")
+    print(f"ledger: start {led.start:.6g} = at inputs {led.at_inputs:.6g} + absorbed "
+          f"{led.absorbed:.6g} (residual {led.residual:.2g}, closes: {led.closes()})")
+    out_dir = Path(args.out) if args.out else Path.cwd()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / DEMO_HEATMAP
+    try:
+        from .viz import heatmap
+        heatmap(results[0].relevance[0], png, scale=8)
+    except ImportError as exc:
+        print(f"heatmap: skipped ({exc})")
+    else:
+        print(f"heatmap: {png.resolve()} (explanation 1; red positive, blue negative relevance)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    presets = sorted(PRESETS)
+    p = argparse.ArgumentParser(
+        prog="lrpplan",
+        description="Operation-level LRP on PyTorch's autograd graph, compiled into cached plans.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"lrpplan {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    cache_help = ("plan cache directory (default: $LRPPLAN_CACHE, else "
+                  "$XDG_CACHE_HOME/lrpplan, else ~/.cache/lrpplan)")
+
+    c = sub.add_parser(
+        "compile", help="compile and cache the plan of a model ahead of time",
+        description="Import MODULE, call FACTORY() (no arguments; it returns the model in the "
+                    "mode to explain: the model's mode is not changed), explain random example "
+                    "inputs once and store the compiled plan in the cache.")
+    c.add_argument("factory", metavar="MODULE:FACTORY",
+                   help="e.g. mymodels:make_cnn or path/to/models.py:make_cnn")
+    c.add_argument("--example", action="append", required=True, metavar="SHAPE[:DTYPE[:HIGH]]",
+                   help="one positional model input, e.g. 2x3x32x32 (float32), 2x16:int64 "
+                        "(token ids in [0, 100)), 2x16:long:30522; repeat for several inputs")
+    c.add_argument("--rules", choices=presets, default="epsilon", help="rule preset")
+    c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="preset parameter by Zennit's name, e.g. epsilon=1e-9 or gamma=0.5")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random examples")
+    c.add_argument("--cache", metavar="DIR", help=cache_help)
+    c.add_argument("--out", metavar="FILE",
+                   help="also write the plan (msgpack, see cache/README.md) to FILE")
+    c.set_defaults(func=_cmd_compile)
+
+    i = sub.add_parser("inspect", help="print a plan's statistics and assumptions")
+    i.add_argument("plan", metavar="PLAN_OR_KEY",
+                   help="a plan file, or a cache key (or a unique prefix of one)")
+    i.add_argument("--cache", metavar="DIR", help=cache_help)
+    i.add_argument("--steps", action="store_true", help="also list the plan's steps")
+    i.set_defaults(func=_cmd_inspect)
+
+    k = sub.add_parser("cache", help="list, verify or clear the plan cache")
+    k.add_argument("action", choices=("ls", "verify", "clear"),
+                   help="ls: list plans; verify: decode and validate every plan (exit 1 if any "
+                        "is invalid); clear: remove every plan")
+    k.add_argument("--cache", metavar="DIR", help=cache_help)
+    k.set_defaults(func=_cmd_cache)
+
+    d = sub.add_parser("demo", help="explain a small CNN twice (trace, then cached replay) and "
+                                    "write a heatmap")
+    d.add_argument("--out", metavar="DIR",
+                   help=f"directory for {DEMO_HEATMAP} (default: the current directory)")
+    d.add_argument("--cache", metavar="DIR", help=cache_help)
+    d.add_argument("--rules", choices=presets, default="epsilon", help="rule preset")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``lrpplan`` command line; return the exit code.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 1 on an error (reported on stderr), 2 on a usage error.
+    """
+    from .errors import LRPError
+
+    parser = _parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return int(args.func(args))
+    except (CLIError, LRPError, OSError) as exc:
+        sys.stdout.flush()
+        print(f"lrpplan: error: {exc}", file=sys.stderr)
+        return 1
