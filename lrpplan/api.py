@@ -250,6 +250,8 @@ def _scores(out: torch.Tensor, target: Target) -> tuple[torch.Tensor, Any]:
             raise InvalidInputError("a target callable must return one score per sample "
                                     f"(shape [{out.shape[0]}])")
         return score, target
+    if out.dim() == 0:  # a model that returns one scalar: explain that scalar
+        return out.reshape(1), None
     logits = out if out.dim() <= 2 else out[:, -1]  # sequence models: the last position
     if logits.dim() == 1:
         logits = logits.unsqueeze(0) if out.shape[0] != 1 else logits.reshape(1, -1)
@@ -325,8 +327,17 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
             ins.append(a.detach().clone().requires_grad_(True))
         else:
             ins.append(a)
+    # frozen parameters (requires_grad False) make autograd drop the operands a rule needs
+    # (a linear layer's input, a frozen bias); run the forward with detached, grad-requiring
+    # stand-ins instead, through functional_call, so the model itself is never modified
+    frozen = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()
+              if not p.requires_grad} if isinstance(model, torch.nn.Module) else {}
     with torch.enable_grad():
-        out = _main_output(model(*ins, **kwargs))
+        if frozen:
+            raw = torch.func.functional_call(model, frozen, tuple(ins), kwargs)
+        else:
+            raw = model(*ins, **kwargs)
+        out = _main_output(raw)
         score, idx = _scores(out, target)
     targets = [{"kind": "tensor", "input": k} for k, a in enumerate(ins)
                if isinstance(a, torch.Tensor) and a.is_floating_point()]

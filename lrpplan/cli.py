@@ -450,6 +450,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # e.g. `lrpplan inspect KEY --steps | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (CLIError, LRPError, OSError) as exc:
         sys.stdout.flush()
         print(f"lrpplan: error: {exc}", file=sys.stderr)

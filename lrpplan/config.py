@@ -64,8 +64,8 @@ class RuleSet:
                 raise TypeError(f"unknown rule parameter {key!r}; known: {sorted(_PARAM_RULES)}")
             for rule in _PARAM_RULES[key]:
                 rule_params.setdefault(rule, {})[key] = value
-            for tp in type_params.values():
-                tp.setdefault(key, value) if key != "epsilon" else tp.update({key: value})
+            for tp in type_params.values():  # user parameters win over the preset's
+                tp[key] = value
         return cls(name, rule_params, type_params)
 
     @classmethod

@@ -207,7 +207,7 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
     if plan.header.get("format") != PLAN_FORMAT_VERSION:
         raise PlanError(f"plan format {plan.header.get('format')!r}, "
                         f"expected {PLAN_FORMAT_VERSION}")
-    written_rel: set[int] = set()
+    written_rel: set[int] = set(plan.header.get("roots", ()))  # filled by the seeds
     written_val: set[int] = set()
     n_targets = len(plan.targets)
 
@@ -264,5 +264,8 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
             if r != -1:
                 written_rel.add(r)
 
+    for r in written_rel:
+        if not isinstance(r, int) or not 0 <= r < max(plan.n_rel, 1):
+            raise PlanError(f"root relevance slot {r!r} out of range")
     for i, s in enumerate(plan.steps):
         check_step(s, f"step {i}")

@@ -38,6 +38,15 @@ _ZERO_OK = frozenset({"AddBackward0", "SubBackward0", "RsubBackward0", "AddBackw
                       "SubBackward1", "RsubBackward1"})
 
 
+def _lost_operand(node_type: str, node: Any) -> bool:
+    """A ``(None, 0)`` input of this node hides a real value (not an absent optional input)."""
+    if node_type in _ZERO_OK or node_type == "AddmmBackward0":
+        return True
+    if node_type == "ConvolutionBackward0":
+        return getattr(node, "_saved_bias_sym_sizes_opt", None) is not None
+    return False
+
+
 def read_saved(node: Any, attr: str) -> Any:
     """``getattr(node, attr)`` that tells a freed graph from a tensor modified in place."""
     try:
@@ -236,10 +245,10 @@ class ValueResolver:
                 src = ins.get(pos)
                 if src is None:
                     if pos in ins and self.graph.edges[pid][pos] is None and \
-                            self.graph.types[pid] in _ZERO_OK:
+                            _lost_operand(self.graph.types[pid], self.graph.nodes[pid]):
                         self.assumptions.append(
                             f"{self.graph.types[pid]} #{pid}: forward value recomputed with "
-                            "its unsaved constant operand taken as 0")
+                            f"its untracked operand {pos} (not saved by autograd) taken as 0")
                     in_slots.append(-1)
                 elif len(src) == 3:  # the node's own saved input
                     slot = self.new_slot()

@@ -45,13 +45,13 @@ def attention_parts(node, dtype):
     u = (q @ k.transpose(-1, -2)) * scale
     x = u
     mask = _saved(node, "_saved_attn_mask", "_saved_attn_bias")
-    float_mask = False
+    float_mask = None
     if mask is not None:
         if mask.dtype == torch.bool:
             x = x.masked_fill(~mask, float("-inf"))
-        else:
-            x = x + as_rel(mask, dtype)
-            float_mask = True
+        else:  # torch saves a boolean mask as 0/-inf floats: only non-zero entries add anything
+            float_mask = as_rel(mask, dtype)
+            x = x + float_mask
     if bool(_saved(node, "_saved_is_causal")):
         L, S = u.shape[-2], u.shape[-1]
         keep = torch.ones(L, S, dtype=torch.bool, device=u.device).tril()
@@ -99,8 +99,10 @@ class SDPARule(Rule):
             return out
         r_s = share * s * (so @ v.transpose(-1, -2))
         r_x = softmax_relevance(torch.where(s > 0, x, torch.zeros((), dtype=x.dtype)), s, r_s, -1)
-        if float_mask:
-            r_u = torch.where(s > 0, u * r_x / stabilize(x, eps), torch.zeros((), dtype=x.dtype))
+        if float_mask is not None:  # z-rule on u + mask where the mask adds something
+            zero = torch.zeros((), dtype=x.dtype)
+            r_u = torch.where((s > 0) & (float_mask != 0), u * r_x / stabilize(x, eps),
+                              torch.where(s > 0, r_x, zero))
         else:
             r_u = r_x
         su = r_u / stabilize(u, eps)

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import register_op
+from .routing import _dim
 
-register_op("EmbeddingBackward0", "route",
-            forward=lambda n, v: [F.embedding(n._saved_indices, v[0], n._saved_padding_idx)],
-            key_attrs=("padding_idx",))
+
+def _embedding_forward(node, vals):
+    # padding_idx only changes the gradient, never the forward value; saved as 2**64-1 for None
+    pad = _dim(node._saved_padding_idx)
+    return [F.embedding(node._saved_indices, vals[0], None if pad < 0 else pad)]
+
+
+register_op("EmbeddingBackward0", "route", forward=_embedding_forward)

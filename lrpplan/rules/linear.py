@@ -104,7 +104,8 @@ def _forward(spec: Bilinear):
 
 
 register_op("AddmmBackward0", "linear", saved_inputs={1: "_saved_mat1", 2: "_saved_mat2"},
-            forward=_forward(BILINEAR["AddmmBackward0"]), key_attrs=("alpha", "beta"))
+            forward=_forward(BILINEAR["AddmmBackward0"]), forward_inputs=(0, 1, 2),
+            key_attrs=("alpha", "beta"))
 register_op("MmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
             forward=_forward(BILINEAR["MmBackward0"]))
 register_op("BmmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
@@ -116,7 +117,7 @@ register_op("MvBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_
             forward=_forward(BILINEAR["MvBackward0"]))
 register_op("ConvolutionBackward0", "linear",
             saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-            forward=_forward(BILINEAR["ConvolutionBackward0"]),
+            forward=_forward(BILINEAR["ConvolutionBackward0"]), forward_inputs=(0, 1, 2),
             key_attrs=("transposed", "groups", "stride", "dilation"))
 
 # ---------------------------------------------------------------------------------------------
@@ -137,11 +138,23 @@ def _variant_epsilon(run, x, w, b, r, p):
 
 
 def _variant_gamma(run, x, w, b, r, p):
-    g = p["gamma"]
-    wg = w + g * _pos(w)
-    bg = None if b is None else b + g * _pos(b)
-    z = run.fwd(x, wg, bg)
-    return x * run.vjp(r / stabilize(z, p["epsilon"]), x, wg)
+    """Generalised γ-rule (Zennit's ``Gamma``): the branch follows the sign of the output.
+
+    z > 0: contributions x⁺(w + γw⁺) + (b + γb⁺) and x⁻(w + γw⁻); z < 0: x⁺(w + γw⁻) + (b + γb⁻)
+    and x⁻(w + γw⁺); z = 0 receives nothing.
+    """
+    g, eps = p["gamma"], p["epsilon"]
+    xp, xn = _pos(x), _neg(x)
+    w_up, w_dn = w + g * _pos(w), w + g * _neg(w)
+    b_up = None if b is None else b + g * _pos(b)
+    b_dn = None if b is None else b + g * _neg(b)
+    z = run.fwd(x, w, b)
+    z_up = run.fwd(xp, w_up, b_up) + run.fwd(xn, w_dn, None)
+    z_dn = run.fwd(xp, w_dn, b_dn) + run.fwd(xn, w_up, None)
+    s_up = (z > 0).to(r.dtype) * r / stabilize(z_up, eps)
+    s_dn = (z < 0).to(r.dtype) * r / stabilize(z_dn, eps)
+    return (xp * run.vjp(s_up, x, w_up) + xn * run.vjp(s_up, x, w_dn)
+            + xp * run.vjp(s_dn, x, w_dn) + xn * run.vjp(s_dn, x, w_up))
 
 
 def _zplus_parts(run, x, w, b, r, eps):
@@ -181,7 +194,7 @@ def _variant_flat(run, x, w, b, r, p):
 
 def _variant_wsquare(run, x, w, b, r, p):
     ones_x, w2 = torch.ones_like(x), w * w
-    z = run.fwd(ones_x, w2, None)
+    z = run.fwd(ones_x, w2, None if b is None else b * b)  # Zennit squares the bias too
     return run.vjp(r / stabilize(z, p["epsilon"]), ones_x, w2)
 
 
@@ -206,6 +219,13 @@ VARIANTS = {
     "wsquare": _variant_wsquare,
     "zbox": _variant_zbox,
 }
+
+
+def _has_bias(info: NodeInfo) -> bool:
+    """A bias operand exists (Addmm always has one; a convolution says so in its saved sizes)."""
+    if info.node_type == "ConvolutionBackward0":
+        return getattr(info.node, "_saved_bias_sym_sizes_opt", None) is not None
+    return True
 
 
 class _Oriented:
@@ -245,8 +265,13 @@ class LinearRule(Rule):
         if spec.bias is not None and not info.none_inputs[spec.bias]:
             values.append(spec.bias)
         mode = "bilinear" if (la and lb) else ("a" if la else "b")
+        assumption = ""
+        if spec.bias is not None and info.none_inputs[spec.bias] and _has_bias(info):
+            assumption = (f"{info.node_type}: its bias does not require grad, so autograd did "
+                          "not keep it; the ε-rule uses the output value where a consumer saved "
+                          "it, otherwise the bias is taken as 0")
         return Decision(values=tuple(values), send=tuple(send),
-                        params={"mode": mode, "reuse_output": True})
+                        params={"mode": mode, "reuse_output": True}, assumption=assumption)
 
     def run(self, node, rel, vals, p):
         spec = BILINEAR[p["node_type"]]

@@ -162,9 +162,18 @@ register_op("GatherBackward0", "route", key_attrs=("dim",), saved_inputs={0: "_s
 register_op("WhereBackward0", "route",
             forward=lambda n, v: [torch.where(n._saved_condition, v[0], v[1])])
 register_op("MaskedFillBackward0", "route")
+def _max_pool(node, vals):
+    x = vals[0]
+    fn = {3: torch.nn.functional.max_pool1d, 4: torch.nn.functional.max_pool2d,
+          5: torch.nn.functional.max_pool3d}[x.dim() if x.dim() > 3 else 3]
+    return [fn(x, list(node._saved_kernel_size), list(node._saved_stride),
+               list(node._saved_padding), list(node._saved_dilation), node._saved_ceil_mode)]
+
+
 register_op(["MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
              "MaxPool1DWithIndicesBackward0"], "route", saved_inputs={0: "_saved_self"},
-            key_attrs=("kernel_size", "stride", "padding", "dilation", "ceil_mode"))
+            forward=_max_pool, key_attrs=("kernel_size", "stride", "padding", "dilation",
+                                          "ceil_mode"))
 register_op(["MaxBackward0", "MinBackward0", "TopkBackward0", "SortBackward0", "KthvalueBackward0",
              "MedianBackward1"], "route", key_attrs=("dim",))
 register_op(["MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"], "route",

@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated default plan cache, deterministic seeding, float64 helper."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `import tests.models` from any working directory
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_default_cache():
+    """Point ``LRPPLAN_CACHE`` at a fresh temporary directory for the whole session.
+
+    Tests that pass ``cache=None`` (the default cache) then never touch ``~/.cache``; the
+    directory is removed afterwards. Subprocesses started by tests inherit the variable.
+    """
+    old = os.environ.get("LRPPLAN_CACHE")
+    root = Path(tempfile.mkdtemp(prefix="lrpplan-test-cache-"))
+    os.environ["LRPPLAN_CACHE"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("LRPPLAN_CACHE", None)
+        else:
+            os.environ["LRPPLAN_CACHE"] = old
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state (inputs are reproducible)."""
+    torch.manual_seed(0)
+    yield
+
+
+def _to_float64(obj):
+    if isinstance(obj, torch.nn.Module):
+        return obj.double()
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float64(o) for o in obj)
+    return obj
+
+
+@pytest.fixture
+def float64():
+    """``float64(model_or_tensor_or_tuple)``: a float64 copy (modules converted in place).
+
+    Integer tensors (token ids) are returned unchanged.
+    """
+    return _to_float64
