@@ -38,9 +38,16 @@ _ZERO_OK = frozenset({"AddBackward0", "SubBackward0", "RsubBackward0", "AddBackw
                       "SubBackward1", "RsubBackward1"})
 
 
+#: forward replays that cannot be exact, and what they assume
+_LOSSY_FORWARD = {
+    "MaskedFillBackward0": "forward value recomputed with the unsaved fill value taken as 0 "
+                           "(exact for a following softmax, which gives masked entries nothing)",
+}
+
+
 def _lost_operand(node_type: str, node: Any) -> bool:
     """A ``(None, 0)`` input of this node hides a real value (not an absent optional input)."""
-    if node_type in _ZERO_OK or node_type == "AddmmBackward0":
+    if node_type in _ZERO_OK or node_type in ("AddmmBackward0", "WhereBackward0"):
         return True
     if node_type == "ConvolutionBackward0":
         return getattr(node, "_saved_bias_sym_sizes_opt", None) is not None
@@ -256,6 +263,8 @@ class ValueResolver:
                     in_slots.append(slot)
                 else:
                     in_slots.append(self.slots[src])
+            if self.graph.types[pid] in _LOSSY_FORWARD:
+                self.assumptions.append(f"{self.graph.types[pid]} #{pid}: {_LOSSY_FORWARD[self.graph.types[pid]]}")
             n_out = self._n_outputs(pid)
             outs = tuple(self.new_slot() for _ in range(n_out))
             self._emit(ValueOp("fwd", pid, "", tuple(in_slots), outs), chain)

@@ -159,9 +159,21 @@ register_op("IndexSelectBackward0", "route", key_attrs=("dim",),
             forward=lambda n, v: [v[0].index_select(_dim(n._saved_dim), n._saved_index)])
 register_op("GatherBackward0", "route", key_attrs=("dim",), saved_inputs={0: "_saved_self"},
             forward=lambda n, v: [torch.gather(v[0], _dim(n._saved_dim), n._saved_index)])
-register_op("WhereBackward0", "route",
-            forward=lambda n, v: [torch.where(n._saved_condition, v[0], v[1])])
-register_op("MaskedFillBackward0", "route")
+def _where(node, vals):
+    # an operand that does not require grad (e.g. the finfo.min fill of a mask) is not saved:
+    # taken as 0 and recorded (exact for a following softmax, which gives those entries nothing)
+    a, b = vals
+    zero = torch.zeros((), dtype=(a if a is not None else b).dtype)
+    return [torch.where(node._saved_condition, zero if a is None else a, zero if b is None else b)]
+
+
+def _masked_fill(node, vals):
+    # the fill value is not saved: taken as 0 and recorded, as for `where`
+    return [vals[0].masked_fill(node._saved_mask, 0.0)]
+
+
+register_op("WhereBackward0", "route", forward=_where, forward_inputs=(0, 1), broadcasts=False)
+register_op("MaskedFillBackward0", "route", forward=_masked_fill, forward_inputs=(0,))
 def _max_pool(node, vals):
     x = vals[0]
     fn = {3: torch.nn.functional.max_pool1d, 4: torch.nn.functional.max_pool2d,
