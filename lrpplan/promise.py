@@ -126,6 +126,8 @@ class ValueResolver:
         self.slots: dict[Edge, int] = {}
         self.fwd_outs: dict[int, tuple[int, ...]] = {}
         self.assumptions: list[str] = []
+        #: edge -> id of a node with no op spec that blocked its recovery
+        self.blocked_by: dict[Edge, int] = {}
 
     # -- structural decision ----------------------------------------------------------------
 
@@ -170,6 +172,8 @@ class ValueResolver:
             spec = OPS.get(g.types[pid])
             if spec is None or spec.forward is None:
                 self.recipes[e] = None
+                if spec is None:
+                    self.blocked_by[e] = pid
                 stack.pop()
                 continue
             positions = spec.forward_inputs
@@ -192,6 +196,8 @@ class ValueResolver:
                     break
                 if child in self.recipes:
                     if self.recipes[child] is None:
+                        if child in self.blocked_by:
+                            self.blocked_by[e] = self.blocked_by[child]
                         ok = False
                         break
                     ins[pos] = child

@@ -21,6 +21,12 @@ from .replay import BoundStep, Executor
 from .rules.base import OPS, NodeInfo, get_rule
 
 
+_UNSUPPORTED_HINTS = {
+    "CheckpointFunctionBackward": "Reentrant activation checkpointing hides a whole block in one "
+    "node; explain with checkpointing off or with torch.utils.checkpoint(use_reentrant=False).",
+}
+
+
 class Tracer:
     """Traces one graph and compiles its plan.
 
@@ -176,7 +182,7 @@ class Tracer:
         rule_name, params = self.ruleset.resolve(ntype)
         spec = OPS.get(ntype)
         if rule_name is None:
-            raise UnsupportedOperation(ntype, g.describe(n))
+            raise UnsupportedOperation(ntype, g.describe(n), _UNSUPPORTED_HINTS.get(ntype, ""))
         rule = get_rule(rule_name)
         edges = g.edges[n]
         info = NodeInfo(
@@ -202,6 +208,10 @@ class Tracer:
                 continue
             e = edges[pos] if pos < len(edges) else None
             if e is None or not self.values.recoverable(e):
+                blocker = self.values.blocked_by.get(e) if e is not None else None
+                if blocker is not None:
+                    raise UnsupportedOperation(g.types[blocker], g.describe(blocker),
+                                               _UNSUPPORTED_HINTS.get(g.types[blocker], ""))
                 raise UnrecoverableValueError(
                     f"{ntype} ({g.describe(n)}) needs the forward value of input {pos}, which "
                     "autograd saved nowhere and which cannot be recomputed from the graph")

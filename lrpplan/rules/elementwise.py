@@ -66,6 +66,10 @@ def _unary_forward(fn):
     return lambda node, vals: [fn(node, vals[0])]
 
 
+register_op("PowBackward2", "identity", saved_inputs={0: "_saved_exponent"},
+            saved_outputs={0: "_saved_result"},
+            forward=lambda n, v: [torch.pow(n._saved_self, v[0])], forward_inputs=(0,))
+
 for _name, (_fn, _saved_in, _saved_out) in _UNARY.items():
     register_op(_name, "identity", saved_inputs=_saved_in, saved_outputs=_saved_out,
                 forward=_unary_forward(_fn), forward_inputs=(0,),

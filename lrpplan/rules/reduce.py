@@ -99,3 +99,62 @@ register_op("UpsampleBilinear2DAaBackward0", "linear_map", forward=_upsample("bi
             key_attrs=("align_corners",))
 register_op("UpsampleBicubic2DAaBackward0", "linear_map", forward=_upsample("bicubic_aa"),
             key_attrs=("align_corners",))
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions that are not linear: each element's share follows its (non-negative) contribution
+
+
+def _reduce_dims(node, x):
+    d = getattr(node, "_saved_dim", None)
+    if d is None or (isinstance(d, (tuple, list)) and len(d) == 0):
+        return tuple(range(x.dim()))
+    return tuple(_dim(v) for v in (d if isinstance(d, (tuple, list)) else [d]))
+
+
+@register_rule
+class ShareRule(Rule):
+    """Norms and variances: ``R_x = R · c / Σ c`` with ``c = |x|^p`` (vector norm) or
+    ``c = (x − mean)²`` (variance), summed over the reduced dims; ε-stabilised."""
+
+    name = "share"
+    defaults = {"epsilon": 1e-6}
+
+    def decide(self, info: NodeInfo) -> Decision:
+        return Decision(values=(0,), send=(info.live_inputs[0],) + (False,) * (info.n_inputs - 1))
+
+    def run(self, node, rel, vals, p):
+        r = rel[0]
+        x = as_rel(vals[0], r.dtype)
+        dims = _reduce_dims(node, x)
+        if p["node_type"] == "VarBackward0":
+            c = (x - x.mean(dims, keepdim=True)) ** 2
+        else:
+            order = float(getattr(node, "_saved_ord", 2.0))
+            c = x.abs() ** order if order not in (float("inf"), float("-inf")) else \
+                (x.abs() == x.abs().amax(dims, keepdim=True)).to(x.dtype)
+        total = c.sum(dims, keepdim=True)
+        keep = bool(getattr(node, "_saved_keepdim", False))
+        if not keep and r.dim() < x.dim():
+            for d in sorted(d % x.dim() for d in dims):
+                r = r.unsqueeze(d)
+        return [c * (r / stabilize(total, p["epsilon"]))] + [None] * (len(p["send"]) - 1)
+
+
+def _vector_norm(n, v):
+    dim = getattr(n, "_saved_dim", None)
+    dim = None if dim is None or len(dim) == 0 else [_dim(d) for d in dim]
+    return [torch.linalg.vector_norm(v[0], n._saved_ord, dim, n._saved_keepdim)]
+
+
+def _var(n, v):
+    dim = getattr(n, "_saved_dim", None)
+    dim = None if dim is None else [_dim(d) for d in dim]
+    return [torch.var(v[0], dim, correction=n._saved_correction, keepdim=n._saved_keepdim)]
+
+
+register_op("LinalgVectorNormBackward0", "share", saved_inputs={0: "_saved_self"},
+            saved_outputs={0: "_saved_result"}, forward=_vector_norm,
+            key_attrs=("dim", "keepdim"))
+register_op("VarBackward0", "share", saved_inputs={0: "_saved_self"}, forward=_var,
+            key_attrs=("dim", "keepdim"))
