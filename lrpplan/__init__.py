@@ -11,6 +11,7 @@ from __future__ import annotations
 from .api import Attribution, Explainer, attribute, explain
 from .cache import PlanCache
 from .config import RuleSet
+from .coverage import coverage, rule_table
 from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError, NonFiniteError,
                      PlanError, PlanMismatchError, UnrecoverableValueError, UnsupportedOperation)
 from .ledger import Ledger
@@ -22,5 +23,5 @@ __all__ = [
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
     "LRPError", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
-    "attribute", "explain", "__version__",
+    "attribute", "coverage", "explain", "rule_table", "__version__",
 ]

@@ -213,6 +213,30 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# coverage and the rule table
+
+
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    import torch
+
+    from .coverage import coverage
+
+    factory = _load_factory(args.factory)
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    examples = [parse_example(spec, seed=args.seed + i) for i, spec in enumerate(args.example)]
+    report = coverage(model, *examples, rules=_ruleset(args.rules, args.param))
+    print(report.format())
+    return 0 if report.covered_nodes == report.nodes and not report.error else 1
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from .coverage import rule_table
+
+    print(rule_table())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # inspect
 
 
@@ -403,6 +427,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="FILE",
                    help="also write the plan (msgpack, see cache/README.md) to FILE")
     c.set_defaults(func=_cmd_compile)
+
+    v = sub.add_parser("coverage", help="node coverage of a model's graph (exit 1 if any node "
+                                        "has no rule)")
+    v.add_argument("factory", metavar="MODULE:FACTORY")
+    v.add_argument("--example", action="append", required=True, metavar="SHAPE[:DTYPE[:HIGH]]")
+    v.add_argument("--rules", choices=presets, default="epsilon", help="rule preset")
+    v.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=_cmd_coverage)
+
+    t = sub.add_parser("rules", help="print the rule table (node type -> rule -> saved values "
+                                     "read -> Promise role)")
+    t.set_defaults(func=_cmd_rules)
 
     i = sub.add_parser("inspect", help="print a plan's statistics and assumptions")
     i.add_argument("plan", metavar="PLAN_OR_KEY",
