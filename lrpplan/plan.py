@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import msgpack
+import xxhash
 
 from .errors import PlanError
 
@@ -131,7 +132,14 @@ def encode(plan: Plan) -> bytes:
         "stats": dict(plan.stats),
         "steps": [_enc_step(s) for s in plan.steps],
     }
+    doc["checksum"] = _checksum(doc)
     return msgpack.packb(doc, use_bin_type=True)
+
+
+def _checksum(doc: dict) -> str:
+    """xxh3-64 over the msgpack encoding of every field but ``checksum`` itself."""
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    return xxhash.xxh3_64_hexdigest(msgpack.packb(body, use_bin_type=True))
 
 
 def _t(x: Any) -> tuple:
@@ -165,6 +173,8 @@ def decode(data: bytes) -> Plan:
         raise PlanError("not an lrpplan plan (bad magic)")
     if doc.get("schema") != SCHEMA_VERSION:
         raise PlanError(f"plan schema {doc.get('schema')!r}, expected {SCHEMA_VERSION}")
+    if doc.get("checksum") != _checksum(doc):
+        raise PlanError("plan checksum mismatch (the file was altered or damaged)")
     try:
         plan = Plan(
             key=str(doc["key"]), header=dict(doc["header"]),

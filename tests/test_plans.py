@@ -35,14 +35,6 @@ from tests.models import ENGINE_BUGS, MODELS, SEQUENCE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-ROOTS_BUG = ("engine bug: check_plan() does not count the root relevance slots "
-             "(plan.header['roots'], seeded before step 0) as written, so decode() rejects "
-             "every real plan ('step 0: relevance slot 0 read before it is written') and the "
-             "disk cache never hits")
-CHECKSUM_BUG = ("engine bug: plan files carry no checksum; some single-byte flips decode to a "
-                "different valid plan that is replayed silently (wrong relevance, or a crash)")
-
-
 def xfail(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
@@ -140,7 +132,7 @@ def test_replay_equals_trace(name, dtype, tmp_path):
         assert r.shape == x.shape
 
 
-@pytest.mark.parametrize("name", params(extra=ROOTS_BUG))
+@pytest.mark.parametrize("name", params())
 def test_replay_from_disk_equals_trace(name, tmp_path):
     """A second explain() call (no in-memory plan) loads the plan from disk and replays it."""
     factory = MODELS[name]
@@ -167,7 +159,6 @@ class _SumMLP(nn.Module):
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
-@xfail(ROOTS_BUG)
 def test_replay_of_full_reduction_output_via_attribute(reduce, tmp_path):
     model = _SumMLP().eval()
     cache = PlanCache(tmp_path)
@@ -194,7 +185,7 @@ def _plan_of(name: str) -> Plan:
     return lrpplan.explain(model, *inputs, cache=False).plan
 
 
-@pytest.mark.parametrize("name", params(extra=ROOTS_BUG))
+@pytest.mark.parametrize("name", params())
 def test_plan_msgpack_round_trip_is_exact(name):
     plan = _plan_of(name)
     data = encode(plan)
@@ -380,7 +371,6 @@ torch.save(results, out)
 DISK_MODELS = ["resnet_block", "explicit_attention_causal", "embedding_tokens"]
 
 
-@xfail(ROOTS_BUG)
 def test_fresh_process_replays_from_disk(tmp_path):
     cache_dir = tmp_path / "cache"
     keys, xs, refs = {}, {}, {}
@@ -452,26 +442,19 @@ def test_four_processes_compile_the_same_key(tmp_path):
                 p.kill()
                 p.wait()
     ref = lrpplan.explain(model, *x, cache=False)
-    # While real plans fail to decode (ROOTS_BUG), a worker that finds another worker's file
-    # warns about it; once plans decode, any warning means a worker saw a partial file.
-    try:
-        decode(encode(ref.plan))
-        plans_decode = True
-    except PlanError:
-        plans_decode = False
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
         got = json.loads(out.strip().splitlines()[-1])
         assert got["key"] == ref.plan_key
-        if plans_decode:
-            assert got["warnings"] == []
+        assert got["warnings"] == []  # a warning would mean a worker read a partial file
         rel = torch.tensor([float.fromhex(v) for v in got["rel"]]).reshape(ref.relevance.shape)
         torch.testing.assert_close(rel, ref.relevance, rtol=1e-6, atol=1e-9)
     cache = PlanCache(cache_dir)
     entries = cache.entries()
     assert [e.key for e in entries] == [ref.plan_key]
-    # the one entry holds the complete plan (byte-identical to a fresh compile)
+    # the one entry holds the complete plan (byte-identical to a fresh compile) and decodes
     assert entries[0].path.read_bytes() == encode(ref.plan)
+    assert cache.verify(decode) == []
     leftovers = [p for p in cache_dir.rglob("*") if p.is_file() and p != entries[0].path]
     assert leftovers == []
 
@@ -541,7 +524,6 @@ def test_bad_plan_file_is_one_warning_and_recompiled(kind, tmp_path):
     assert sorted(e.key for e in cache.entries()) == sorted([first.plan_key, other.plan_key])
 
 
-@xfail(ROOTS_BUG + "; " + CHECKSUM_BUG)
 def test_every_single_byte_flip_is_caught_or_harmless(tmp_path):
     """Flip each byte of a stored plan: every run must still give the right relevance with no
     exception; a flip that changes the plan must be reported (one CacheWarning)."""
@@ -643,7 +625,6 @@ def test_readonly_cache_miss_works_with_one_warning(readonly_cache):
     assert sorted(p.name for p in root.rglob("*")) == before
 
 
-@xfail(ROOTS_BUG)
 def test_readonly_cache_hit_replays_without_warning(readonly_cache):
     root, key = readonly_cache
     model, x = MODELS["resnet_block"]()
@@ -781,7 +762,6 @@ def _read_before_write(plan: Plan) -> Plan:
      "out of range"),
     (_read_before_write, "read before it is written"),
 ], ids=["unknown-rule", "node-id-out-of-range", "slot-read-before-written"])
-@xfail(ROOTS_BUG)
 def test_check_plan_on_real_plans(mutate, match):
     plan = _plan_of("resnet_block")
     n = plan.stats["nodes"]
