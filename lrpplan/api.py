@@ -1,6 +1,7 @@
 """Public entry points: :func:`attribute`, :func:`explain`, :class:`Explainer`, :class:`Attribution`."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -13,6 +14,7 @@ from .errors import CacheWarning, InvalidInputError, NonFiniteError, PlanError
 from .fingerprint import fingerprint
 from .graph import Graph, capture
 from .ledger import Ledger
+from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
 from .replay import bind, replay
 from .trace import Tracer
@@ -144,7 +146,8 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
 
 
 def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
-               targets: list[dict], token_inputs: Sequence[int] = ()):
+               targets: list[dict], token_inputs: Sequence[int] = (),
+               recorder: Optional[ModuleRecorder] = None):
     for o in outputs:
         if not isinstance(o, torch.Tensor) or o.grad_fn is None:
             raise InvalidInputError(
@@ -184,22 +187,25 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
     for index in token_inputs:
         for nid in _embedding_nodes_for(ins[index], graph):
             plan_targets.append({"edge": [nid, 0], "kind": "tokens", "index": index})
+    module_of = recorder.assign(graph) if recorder is not None else {}
+    matched = [[nid, path] for nid, path in sorted(module_of.items())
+               if ruleset.module_params(path)]
     key = fingerprint(graph, [[t["edge"], t["kind"], t["index"]] for t in plan_targets],
-                      ruleset.config())
+                      ruleset.config(), extra=matched)
     store = _store_for(cache)
     with torch.no_grad():
-        return _run(graph, key, store, seeds, plan_targets, ruleset, ins)
+        return _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of)
 
 
 def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: list,
-         ruleset: RuleSet, ins: list):
+         ruleset: RuleSet, ins: list, module_of: dict[int, str]):
     hit = store.get(key, len(graph))
     cached = hit is not None
     if hit is not None:
         plan, bound = hit
         ex = replay(plan, graph, list(zip(plan.header["roots"], seeds)), bound)
     else:
-        plan, ex = Tracer(graph, plan_targets, ruleset).run(seeds)
+        plan, ex = Tracer(graph, plan_targets, ruleset, module_of).run(seeds)
         plan = Plan(key, plan.header, plan.steps, plan.n_rel, plan.n_val, plan.targets,
                     plan.assumptions, plan.stats)
         store.put(plan)
@@ -332,7 +338,9 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
     # stand-ins instead, through functional_call, so the model itself is never modified
     frozen = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()
               if not p.requires_grad} if isinstance(model, torch.nn.Module) else {}
-    with torch.enable_grad():
+    recorder_ctx = record_modules(model) if ruleset.modules and \
+        isinstance(model, torch.nn.Module) else contextlib.nullcontext()
+    with torch.enable_grad(), recorder_ctx as recorder:
         if frozen:
             raw = torch.func.functional_call(model, frozen, tuple(ins), kwargs)
         else:
@@ -346,6 +354,6 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
     token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
                     and not a.is_floating_point() and not a.is_complex()]
     rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins, targets,
-                                                token_inputs)
+                                                token_inputs, recorder)
     relevance = rel[0] if len(ins) == 1 else tuple(rel)
     return Attribution(relevance, score.detach(), idx, ledger, cached, key, plan)

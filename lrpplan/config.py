@@ -1,38 +1,79 @@
-"""Rule sets: which rule (and parameters) each autograd node type gets.
+"""Rule sets: which rule (and parameters) each autograd node gets.
 
 A :class:`RuleSet` starts from the registry's default rule per node type and layers, in order:
-per-rule parameters, per-node-type parameters (e.g. z⁺ for convolutions only) and per-node-type
-rule overrides (declared fallbacks for unknown nodes). Its :meth:`RuleSet.config` is plain data
-and part of the plan fingerprint.
+
+1. per-rule parameters (``rule_params``: e.g. ε for every rule that stabilises);
+2. per-node-type parameters (``type_params``: e.g. z⁺ for convolutions only);
+3. first-layer parameters (``first_params``: for linear/convolution nodes whose explained operand
+   comes straight from an explained input, Zennit's "first layer");
+4. per-module parameters (``modules``: glob patterns over module paths such as ``"features.0"``
+   or ``"layer4.*"``, like Zennit's name map, applied to every operation the module runs; the
+   last matching pattern wins; only :func:`lrpplan.explain` and :class:`lrpplan.Explainer`
+   know the modules);
+5. per-node-type rule overrides (``overrides``: declared fallbacks for unknown nodes).
+
+Its :meth:`RuleSet.config` is plain data and part of the plan fingerprint.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional
+import fnmatch
+from typing import Any, Mapping, Optional, Sequence
 
 from .rules import OPS, RULES
 
 _CONV = "ConvolutionBackward0"
+_DENSE = ("AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "BaddbmmBackward0")
+_LINEAR = (_CONV,) + _DENSE
 
-#: preset name -> (per-rule params, per-node-type params)
-PRESETS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]] = {
-    "epsilon": ({}, {}),
-    "epsilon-plus": ({}, {_CONV: {"variant": "zplus"}}),
-    "epsilon-alpha2-beta1": ({}, {_CONV: {"variant": "alphabeta", "alpha": 2.0, "beta": 1.0}}),
-    "epsilon-gamma": ({}, {_CONV: {"variant": "gamma", "gamma": 0.25}}),
-    "zplus": ({"linear": {"variant": "zplus"}}, {}),
+
+def _first(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t: dict(params) for t in _LINEAR}
+
+
+#: preset -> (rule_params, type_params, first_params); the Zennit-named ones follow Zennit's
+#: composites: EpsilonPlus, EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
+PRESETS: dict[str, tuple[dict, dict, dict]] = {
+    "epsilon": ({}, {}, {}),
+    "epsilon-plus": ({}, {_CONV: {"variant": "zplus"}}, {}),
+    "epsilon-alpha2-beta1": ({}, {_CONV: {"variant": "alphabeta", "alpha": 2.0, "beta": 1.0}}, {}),
+    "epsilon-gamma": ({}, {_CONV: {"variant": "gamma", "gamma": 0.25}}, {}),
+    "epsilon-gamma-box": ({}, {_CONV: {"variant": "gamma", "gamma": 0.25}},
+                          _first({"variant": "zbox"})),
+    "epsilon-plus-flat": ({}, {_CONV: {"variant": "zplus"}}, _first({"variant": "flat"})),
+    "zplus": ({"linear": {"variant": "zplus"}}, {}, {}),
+    # AttnLRP (Achtibat et al. 2024): ε on linear layers, uniform rule on bilinear products,
+    # softmax rule, identity through normalisers: lrpplan's defaults, named explicitly
+    "attnlrp": ({"linear": {"attention": "attnlrp"}, "sdpa": {"attention": "attnlrp"}}, {}, {}),
+    # CP-LRP (Ali et al. 2022): attention weights treated as constants; relevance flows
+    # through the value path only
+    "cp-lrp": ({"linear": {"attention": "cp"}, "sdpa": {"attention": "cp"}}, {}, {}),
 }
 
 #: user-facing parameter names (Zennit's) -> the rules that read them
 _PARAM_RULES = {
-    "epsilon": ("linear", "linear_map", "add", "centred_norm", "affine_norm", "sdpa"),
+    "epsilon": ("linear", "linear_map", "add", "centred_norm", "affine_norm", "sdpa", "share"),
     "gamma": ("linear",), "alpha": ("linear",), "beta": ("linear",),
     "low": ("linear",), "high": ("linear",),
 }
+_REQUIRED = {"epsilon-gamma-box": ("low", "high")}
+
+
+def _plain_number(key: str, value: Any) -> Any:
+    """A float, or (for the z-box bounds) a list of per-channel floats; anything else is an error."""
+    if hasattr(value, "tolist"):  # tensors / arrays of per-channel bounds
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and key in ("low", "high") and value and \
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"rule parameter {key}={value!r} must be a number"
+                    + (" or a list of per-channel numbers" if key in ("low", "high") else ""))
 
 
 class RuleSet:
-    """Rule choice per node type, with parameters.
+    """Rule choice per node, with parameters.
 
     Examples
     --------
@@ -44,10 +85,14 @@ class RuleSet:
     def __init__(self, name: str = "custom",
                  rule_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  type_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                 overrides: Optional[Mapping[str, str]] = None) -> None:
+                 overrides: Optional[Mapping[str, str]] = None,
+                 first_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 modules: Optional[Sequence[tuple[str, Mapping[str, Any]]]] = None) -> None:
         self.name = name
+        self.modules = [(str(p), dict(v)) for p, v in (modules or [])]
         self.rule_params = {k: dict(v) for k, v in (rule_params or {}).items()}
         self.type_params = {k: dict(v) for k, v in (type_params or {}).items()}
+        self.first_params = {k: dict(v) for k, v in (first_params or {}).items()}
         self.overrides = dict(overrides or {})
         for rule in self.overrides.values():
             if rule not in RULES:
@@ -55,18 +100,24 @@ class RuleSet:
 
     @classmethod
     def preset(cls, name: str, **params: Any) -> "RuleSet":
-        """A named preset; keyword parameters use Zennit's names (``epsilon``, ``gamma``...)."""
+        """A named preset; keyword parameters use Zennit's names (``epsilon``, ``gamma``,
+        ``alpha``, ``beta``, ``low``, ``high``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        rule_params, type_params = copy.deepcopy(PRESETS[name])
+        missing = [p for p in _REQUIRED.get(name, ()) if p not in params]
+        if missing:
+            raise TypeError(f"preset {name!r} needs {', '.join(missing)} (the input domain bounds "
+                            "of the z-box rule, e.g. low=-3.0, high=3.0 for standardised images)")
+        rule_params, type_params, first_params = copy.deepcopy(PRESETS[name])
         for key, value in params.items():
             if key not in _PARAM_RULES:
                 raise TypeError(f"unknown rule parameter {key!r}; known: {sorted(_PARAM_RULES)}")
+            value = _plain_number(key, value)
             for rule in _PARAM_RULES[key]:
                 rule_params.setdefault(rule, {})[key] = value
-            for tp in type_params.values():  # user parameters win over the preset's
-                tp[key] = value
-        return cls(name, rule_params, type_params)
+            for tp in list(type_params.values()) + list(first_params.values()):
+                tp[key] = value  # user parameters win over the preset's
+        return cls(name, rule_params, type_params, first_params=first_params)
 
     @classmethod
     def ensure(cls, rules: Any) -> "RuleSet":
@@ -83,10 +134,43 @@ class RuleSet:
         """A copy that applies ``rule`` to every node of ``node_type`` (a declared fallback)."""
         overrides = dict(self.overrides)
         overrides[node_type] = rule
-        return RuleSet(self.name, self.rule_params, self.type_params, overrides)
+        return RuleSet(self.name, self.rule_params, self.type_params, overrides,
+                       self.first_params, self.modules)
 
-    def resolve(self, node_type: str) -> tuple[Optional[str], dict[str, Any]]:
-        """(rule name, parameters) for a node type; ``(None, {})`` when there is no rule."""
+    def module(self, pattern: str, **params: Any) -> "RuleSet":
+        """A copy whose operations inside modules matching ``pattern`` use ``params``.
+
+        ``pattern`` is a glob over module paths (``model.named_modules()`` names); parameters
+        use Zennit's names plus ``variant`` (``"epsilon"``, ``"zplus"``, ``"gamma"``,
+        ``"alphabeta"``, ``"flat"``, ``"wsquare"``, ``"zbox"``) for linear and convolution ops.
+        """
+        clean = {}
+        for key, value in params.items():
+            if key == "variant":
+                from .rules.linear import VARIANTS
+                if value not in VARIANTS:
+                    raise ValueError(f"unknown variant {value!r}; known: {sorted(VARIANTS)}")
+                clean[key] = value
+            elif key in _PARAM_RULES:
+                clean[key] = _plain_number(key, value)
+            else:
+                raise TypeError(f"unknown rule parameter {key!r}")
+        return RuleSet(self.name, self.rule_params, self.type_params, self.overrides,
+                       self.first_params, self.modules + [(pattern, clean)])
+
+    def module_params(self, path: Optional[str]) -> Optional[dict[str, Any]]:
+        """Merged parameters of the patterns matching a module path (None: no pattern matches)."""
+        if path is None or not self.modules:
+            return None
+        out: Optional[dict[str, Any]] = None
+        for pattern, params in self.modules:
+            if fnmatch.fnmatchcase(path, pattern):
+                out = {**(out or {}), **params}
+        return out
+
+    def resolve(self, node_type: str, first_layer: bool = False, module: Optional[str] = None
+                ) -> tuple[Optional[str], dict[str, Any]]:
+        """(rule name, parameters) for a node; ``(None, {})`` when there is no rule."""
         rule = self.overrides.get(node_type)
         if rule is None:
             spec = OPS.get(node_type)
@@ -96,12 +180,18 @@ class RuleSet:
         params = dict(RULES[rule].defaults)
         params.update(self.rule_params.get(rule, {}))
         params.update(self.type_params.get(node_type, {}))
+        if first_layer:
+            params.update(self.first_params.get(node_type, {}))
+        mod = self.module_params(module)
+        if mod:
+            params.update({k: v for k, v in mod.items() if k in params})
         return rule, params
 
     def config(self) -> dict[str, Any]:
         """Plain-data description (goes into the fingerprint and the plan header)."""
         return {"name": self.name, "rule_params": self.rule_params,
-                "type_params": self.type_params, "overrides": self.overrides}
+                "type_params": self.type_params, "first_params": self.first_params,
+                "modules": [[p, v] for p, v in self.modules], "overrides": self.overrides}
 
     def __repr__(self) -> str:
         return f"RuleSet({self.config()!r})"

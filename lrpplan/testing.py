@@ -1191,7 +1191,7 @@ class _Gen:
 
 @st.composite
 def architectures(draw: Any, families: Sequence[str] = FAMILIES, bias: Optional[bool] = None,
-                  max_blocks: int = 4, max_inputs: int = 2,
+                  max_blocks: int = 5, max_inputs: int = 2,
                   exclude: Sequence[str] = ()) -> Architecture:
     """Random valid architectures (a hypothesis strategy).
 
@@ -1576,7 +1576,7 @@ def register_profiles() -> None:
 
     ``"ci"``
         ``derandomize=True`` (a fixed seed: every run draws the same examples), no example
-        database, 30 examples per property, no deadline, ``too_slow`` health check suppressed.
+        database, 40 examples per property, no deadline, ``too_slow`` health check suppressed.
     ``"long"``
         500 examples per property, random seeds, no deadline; select it with
         ``HYPOTHESIS_PROFILE=long``.
@@ -1586,7 +1586,7 @@ def register_profiles() -> None:
     common = dict(deadline=None, print_blob=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                          HealthCheck.filter_too_much])
-    settings.register_profile("ci", derandomize=True, database=None, max_examples=30, **common)
+    settings.register_profile("ci", derandomize=True, database=None, max_examples=40, **common)
     settings.register_profile("long", max_examples=500, database=None, **common)
 
 

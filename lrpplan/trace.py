@@ -38,10 +38,14 @@ class Tracer:
         one dict per attribution target: ``{"edge": [node, output_nr], "kind": "tensor"|"tokens"}``.
     ruleset:
         a :class:`lrpplan.config.RuleSet`.
+    module_of:
+        node id -> path of the module that ran it (for per-module rules; optional).
     """
 
-    def __init__(self, graph: Graph, targets: Sequence[Mapping[str, Any]], ruleset: Any) -> None:
+    def __init__(self, graph: Graph, targets: Sequence[Mapping[str, Any]], ruleset: Any,
+                 module_of: Optional[Mapping[int, str]] = None) -> None:
         self.g = graph
+        self.module_of = dict(module_of or {})
         self.targets = [dict(t) for t in targets]
         self.ruleset = ruleset
         self.target_of: dict[Edge, int] = {tuple(t["edge"]): k for k, t in enumerate(self.targets)}
@@ -179,8 +183,10 @@ class Tracer:
                           else -1)
         if all(s < 0 for s in rel_in):
             return None, None  # no relevance arrived (structurally): nothing to propagate
-        rule_name, params = self.ruleset.resolve(ntype)
         spec = OPS.get(ntype)
+        first = spec is not None and spec.rule == "linear" and self._first_layer(n)
+        rule_name, params = self.ruleset.resolve(ntype, first_layer=first,
+                                                 module=self.module_of.get(n))
         if rule_name is None:
             raise UnsupportedOperation(ntype, g.describe(n), _UNSUPPORTED_HINTS.get(ntype, ""))
         rule = get_rule(rule_name)
@@ -194,6 +200,8 @@ class Tracer:
             output_shapes=tuple(tuple(m.shape) for m in node._input_metadata),
             recoverable=lambda i: self._own(spec, node, i) is not None
             or self.values.recoverable(edges[i] if i < len(edges) else None),
+            params=params, first_layer=first,
+            source_type=lambda i: self._source_type(edges[i] if i < len(edges) else None),
         )
         decision = rule.decide(info)
         if decision.assumption:
@@ -238,6 +246,30 @@ class Tracer:
         if promise is not None:
             self.promises.append(promise)
         return step, promise
+
+    def _below_routing(self, e: Optional[Edge]) -> Optional[Edge]:
+        """Follow ``e`` down through routing/identity nodes with one live input."""
+        g = self.g
+        while e is not None and e not in self.target_of:
+            spec = OPS.get(g.types[e[0]])
+            if spec is None or spec.rule not in ("route", "identity"):
+                return e
+            live = [c for c in g.edges[e[0]] if self.edge_live(c)]
+            if len(live) != 1:
+                return e
+            e = live[0]
+        return e
+
+    def _first_layer(self, n: int) -> bool:
+        """A linear node one of whose explained operands comes straight from an input."""
+        return any(self.edge_live(e) and self._below_routing(e) in self.target_of
+                   for e in self.g.edges[n])
+
+    def _source_type(self, e: Optional[Edge]) -> str:
+        end = self._below_routing(e)
+        if end is None or end in self.target_of:
+            return ""
+        return self.g.types[end[0]]
 
     @staticmethod
     def _own(spec, node, pos) -> Optional[str]:

@@ -71,7 +71,7 @@ def _fold_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
 @register_rule
 class SDPARule(Rule):
     name = "sdpa"
-    defaults = {"epsilon": 1e-6}
+    defaults = {"epsilon": 1e-6, "attention": "attnlrp"}
 
     def decide(self, info: NodeInfo) -> Decision:
         dropout = float(_saved(info.node, "_saved_dropout_p") or 0.0)
@@ -81,6 +81,8 @@ class SDPARule(Rule):
                 "recoverable from the graph. Explain the model in eval() mode.")
         send = tuple(l and not n for l, n in zip(info.live_inputs, info.none_inputs))
         send = send[:3] + (False,) * (info.n_inputs - 3)
+        if info.params.get("attention") == "cp":  # CP-LRP: attention weights are constants
+            send = (False, False) + send[2:]
         return Decision(values=(), send=send)
 
     def run(self, node, rel, vals, p):

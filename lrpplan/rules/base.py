@@ -122,6 +122,10 @@ class NodeInfo:
     input_shapes: tuple[Optional[tuple[int, ...]], ...]
     output_shapes: tuple[tuple[int, ...], ...]
     recoverable: Callable[[int], bool]  # can the forward value of input i be had?
+    params: Mapping[str, Any] = field(default_factory=dict)  # the rule set's parameters
+    first_layer: bool = False  # an explained operand comes straight from an explained input
+    #: type of the first node below input i that is not pure routing ("" at a target/leaf)
+    source_type: Callable[[int], str] = lambda i: ""
 
 
 class Rule:

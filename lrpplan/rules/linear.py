@@ -198,10 +198,16 @@ def _variant_wsquare(run, x, w, b, r, p):
     return run.vjp(r / stabilize(z, p["epsilon"]), ones_x, w2)
 
 
+def _bound(value, x: T) -> T:
+    """A z-box bound: a number, or per-channel numbers broadcast along dim 1."""
+    if isinstance(value, (list, tuple)):
+        t = torch.tensor(value, dtype=x.dtype, device=x.device)
+        return t.view((1, -1) + (1,) * (x.dim() - 2)).expand_as(x)
+    return torch.full_like(x, value)
+
+
 def _variant_zbox(run, x, w, b, r, p):
-    low = torch.full_like(x, p["low"]) if not isinstance(p["low"], torch.Tensor) else p["low"]
-    high = torch.full_like(x, p["high"]) if not isinstance(p["high"], torch.Tensor) else p["high"]
-    low, high = low.to(x).expand_as(x), high.to(x).expand_as(x)
+    low, high = _bound(p["low"], x), _bound(p["high"], x)
     wp, wn = _pos(w), _neg(w)
     bp = None if b is None else _pos(b)
     bn = None if b is None else _neg(b)
@@ -219,6 +225,13 @@ VARIANTS = {
     "wsquare": _variant_wsquare,
     "zbox": _variant_zbox,
 }
+
+
+_SOFTMAX = ("SoftmaxBackward0", "SafeSoftmaxBackward0")
+
+
+def p_attention(info: NodeInfo) -> str:
+    return str(info.params.get("attention", "attnlrp"))
 
 
 def _has_bias(info: NodeInfo) -> bool:
@@ -253,7 +266,7 @@ class LinearRule(Rule):
 
     name = "linear"
     defaults = {"variant": "epsilon", "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0,
-                "beta": 1.0, "low": -3.0, "high": 3.0}
+                "beta": 1.0, "low": -3.0, "high": 3.0, "attention": "attnlrp"}
 
     def decide(self, info: NodeInfo) -> Decision:
         spec = BILINEAR[info.node_type]
@@ -264,6 +277,12 @@ class LinearRule(Rule):
         values = [spec.a, spec.b]
         if spec.bias is not None and not info.none_inputs[spec.bias]:
             values.append(spec.bias)
+        if la and lb and p_attention(info) == "cp":
+            # CP-LRP: the operand that comes from a softmax (attention weights) is a constant
+            if info.source_type(spec.a) in _SOFTMAX:
+                la = send[spec.a] = False
+            elif info.source_type(spec.b) in _SOFTMAX:
+                lb = send[spec.b] = False
         mode = "bilinear" if (la and lb) else ("a" if la else "b")
         assumption = ""
         if spec.bias is not None and info.none_inputs[spec.bias] and _has_bias(info):
