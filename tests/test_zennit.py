@@ -237,10 +237,20 @@ def _zennit_preset(name, eps):
         return EpsilonPlus(epsilon=eps, stabilizer=eps)
     if name == "epsilon-alpha2-beta1":
         return EpsilonAlpha2Beta1(epsilon=eps, stabilizer=eps)
+    if name == "epsilon-gamma-box":
+        return EpsilonGammaBox(low=-3.0, high=3.0, epsilon=eps, gamma=0.25, stabilizer=eps)
+    if name == "epsilon-plus-flat":
+        return EpsilonPlusFlat(epsilon=eps, stabilizer=eps)
     raise KeyError(name)
 
 
-PRESETS = ["epsilon", "epsilon-plus", "epsilon-alpha2-beta1"]
+def _lrpplan_preset(name, eps):
+    extra = {"low": -3.0, "high": 3.0} if name == "epsilon-gamma-box" else {}
+    return lrpplan.RuleSet.preset(name, epsilon=eps, **extra)
+
+
+PRESETS = ["epsilon", "epsilon-plus", "epsilon-alpha2-beta1", "epsilon-gamma-box",
+           "epsilon-plus-flat"]
 
 
 @pytest.mark.parametrize("eps", [1e-6, 0.05])
@@ -249,7 +259,7 @@ def test_small_cnn_presets(preset, eps):
     model = small_cnn()
     x = inputs((2, 3, 16, 16))
     rz = zennit_rel(model, x, _zennit_preset(preset, eps), TARGET)
-    rl = lrpplan_rel(model, x, lrpplan.RuleSet.preset(preset, epsilon=eps), TARGET)
+    rl = lrpplan_rel(model, x, _lrpplan_preset(preset, eps), TARGET)
     assert rz.abs().max() > 0
     err = rel_err(rl, rz)
     assert err <= RTOL, f"{preset} eps={eps}: relative error {err:.3g}"
@@ -362,9 +372,9 @@ def test_vgg16_presets(vgg16, preset):
     rz = zennit_rel(vgg16, x, _zennit_preset(preset, eps), TARGET)
     if preset == "epsilon-plus":   # also through explain's own seeding
         rl = lrpplan.explain(vgg16, x, target=TARGET, cache=False,
-                             rules=lrpplan.RuleSet.preset(preset, epsilon=eps)).relevance
+                             rules=_lrpplan_preset(preset, eps)).relevance
     else:
-        rl = lrpplan_rel(vgg16, x, lrpplan.RuleSet.preset(preset, epsilon=eps), TARGET)
+        rl = lrpplan_rel(vgg16, x, _lrpplan_preset(preset, eps), TARGET)
     assert rz.abs().max() > 0
     err = rel_err(rl, rz)
     assert err <= RTOL, f"VGG16 {preset}: relative error {err:.3g}"
