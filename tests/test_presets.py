@@ -133,3 +133,41 @@ def test_attnlrp_preset_equals_the_default_rules(sdpa):
     b = lrpplan.explain(model, x, target=lambda o: o.sum((1, 2)), rules="epsilon", cache=False)
     torch.testing.assert_close(a.relevance, b.relevance, rtol=0, atol=0)
     assert a.plan_key != b.plan_key  # the rule configuration is part of the key
+
+
+def _conv_bn_and_folded():
+    """conv → BatchNorm (eval) and the same map with the BatchNorm folded into the conv."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+    bn = nn.BatchNorm2d(4).to(DT).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(-1.5, 1.5)  # negative scales flip which weights count as positive
+        bn.bias.uniform_(-0.2, 0.2)
+    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    folded = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * a.view(-1, 1, 1, 1))
+        folded.bias.copy_((conv.bias - bn.running_mean) * a + bn.bias)
+    return nn.Sequential(conv, bn, nn.ReLU()).eval(), nn.Sequential(folded, nn.ReLU()).eval()
+
+
+def test_conv_batchnorm_epsilon_equals_the_folded_conv_but_gamma_does_not():
+    """Documented difference from Zennit (which merges BatchNorm into the conv first): lrpplan
+    applies the conv's rule to the conv alone and the ε-rule to the BatchNorm's affine map.
+
+    For ε (LRP-0 in the limit) that composition equals the rule on the folded conv; for γ it
+    does not, because γ favours positive weights and the BatchNorm scale changes their sign and
+    size. The preset parameters and this test make the difference visible."""
+    unfolded, folded = _conv_bn_and_folded()
+    x = torch.randn(2, 3, 5, 5, dtype=DT)
+    target = lambda o: o.sum((1, 2, 3))  # noqa: E731
+    eps = lrpplan.RuleSet.preset("epsilon", epsilon=1e-12)
+    r_u = lrpplan.explain(unfolded, x, target=target, rules=eps, cache=False).relevance
+    r_f = lrpplan.explain(folded, x, target=target, rules=eps, cache=False).relevance
+    torch.testing.assert_close(r_u, r_f, rtol=1e-7, atol=1e-9)
+    gamma = lrpplan.RuleSet.preset("epsilon-gamma", epsilon=1e-12)
+    g_u = lrpplan.explain(unfolded, x, target=target, rules=gamma, cache=False).relevance
+    g_f = lrpplan.explain(folded, x, target=target, rules=gamma, cache=False).relevance
+    assert (g_u - g_f).abs().max() > 1e-3 * g_f.abs().max()
