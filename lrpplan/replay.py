@@ -62,6 +62,8 @@ class Executor:
         self.graph = graph
         self.nodes = graph.nodes
         self.rel: list[Optional[torch.Tensor]] = [None] * n_rel
+        #: Σ of the relevance deposited per slot, for the ledger (one reduction per deposit)
+        self.rel_sum: list[Any] = [0.0] * n_rel
         self.val: list[Any] = [None] * n_val
         self.results: list[Optional[torch.Tensor]] = [None] * n_targets
         self.ledger_rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -89,26 +91,29 @@ class Executor:
 
     # -- relevance ----------------------------------------------------------------------------
 
-    def deposit(self, slot: int, t: torch.Tensor) -> None:
+    def deposit(self, slot: int, t: torch.Tensor, t_sum: Any = None) -> None:
         """Aggregate relevance arriving on an edge (input aggregation, paper App. E)."""
         cur = self.rel[slot]
         self.rel[slot] = t if cur is None else cur + t
+        self.rel_sum[slot] = self.rel_sum[slot] + (t.sum() if t_sum is None else t_sum)
 
     def rule(self, b: BoundStep) -> None:
         s = b.step
         node = self.nodes[s.node]
         rel = []
+        in_sum: Any = 0.0
         for slot in s.rel_in:
             if slot >= 0:
                 rel.append(self.rel[slot])
+                in_sum = in_sum + self.rel_sum[slot]
                 self.rel[slot] = None  # each edge slot is read once, by its producer
+                self.rel_sum[slot] = 0.0
             else:
                 rel.append(None)
         vals: list[Any] = [None] * (len(s.rel_out) + 1)  # last: the node's own output
         for pos, src in s.vals:
             vals[pos] = read_saved(node, src) if isinstance(src, str) else self.val[src]
         out = b.run(node, rel, vals, b.params)
-        in_sum = sum(r.sum() for r in rel if r is not None)
         out_sum = None
         edges = self.graph.edges[s.node]
         for pos, slot in enumerate(s.rel_out):
@@ -123,7 +128,7 @@ class Executor:
                 t = sum_to(t, self.nodes[pid]._input_metadata[nr].shape)
             ts = t.sum()
             out_sum = ts if out_sum is None else out_sum + ts
-            self.deposit(slot, t)
+            self.deposit(slot, t, ts)
         self.ledger_rows.append((s.node, in_sum, out_sum if out_sum is not None else 0.0))
 
     def fused(self, step: Step, body: list[BoundStep]) -> None:
