@@ -40,6 +40,7 @@ _ZERO_OK = frozenset({"AddBackward0", "SubBackward0", "RsubBackward0", "AddBackw
 
 #: forward replays that cannot be exact, and what they assume
 _LOSSY_FORWARD = {
+    "ConstantPadNdBackward0": "forward value recomputed with the unsaved pad value taken as 0",
     "MaskedFillBackward0": "forward value recomputed with the unsaved fill value taken as 0 "
                            "(exact for a following softmax, which gives masked entries nothing)",
 }

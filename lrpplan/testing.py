@@ -1427,8 +1427,9 @@ def assert_conserves(model: nn.Module, *inputs: Any, rules: Any = None, toleranc
     Checks, on one explanation without plan cache:
 
     1. every relevance tensor is finite;
-    2. the ledger closes: ``|start − at_inputs − absorbed| ≤ tolerance · max(|start|,
-       |at_inputs|, |absorbed|, 1)`` (:meth:`lrpplan.Ledger.closes`);
+    2. the ledger closes: ``|start − at_inputs − absorbed| ≤ tolerance · (max(|start|,
+       |at_inputs|, |absorbed|, 1) + 0.01)`` (:meth:`lrpplan.Ledger.closes` with
+       ``rtol=tolerance, atol=tolerance / 100``);
     3. with ``min_input_share``: ``at_inputs / start ≥ min_input_share`` (a start relevance of
        exactly 0 fails: the share is undefined).
 

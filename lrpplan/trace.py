@@ -203,6 +203,7 @@ class Tracer:
             or self.values.recoverable(edges[i] if i < len(edges) else None),
             params=params, first_layer=first,
             source_type=lambda i: self._source_type(edges[i] if i < len(edges) else None),
+            output_available=lambda: n_out == 1 and self.values.direct((n, 0)) is not None,
         )
         decision = rule.decide(info)
         if decision.assumption:

@@ -63,3 +63,23 @@ def test_reentrant_checkpoint_is_unsupported_with_a_hint():
     y2 = torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=False)
     out = lrpplan.attribute(y2.sum(), x, cache=False)
     assert out.ledger.closes()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unsaved_constant_absorbs_its_share_when_the_sum_is_saved(seed):
+    """``a · (tanh(x) + 1)`` (GPT-2's gelu_new shape): autograd drops the constant 1, but the
+    product saved ``tanh(x) + 1``, so the constant is known and absorbs its z-rule share."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    a = torch.randn(3, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    b = torch.tanh(x) + 1.0
+    y = a * b
+    r = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    got = lrpplan.attribute(y, [a, x], seed=r, cache=False)
+    t = torch.tanh(x.detach())
+    half = 0.5 * r  # uniform rule on a · b
+    torch.testing.assert_close(got.relevance[0], half, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.relevance[1], t * half / _stab(t + 1.0), rtol=1e-10,
+                               atol=1e-12)
+    assert not any("taken as 0" in s for s in got.assumptions)
+    assert got.ledger.closes()

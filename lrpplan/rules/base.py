@@ -126,6 +126,8 @@ class NodeInfo:
     first_layer: bool = False  # an explained operand comes straight from an explained input
     #: type of the first node below input i that is not pure routing ("" at a target/leaf)
     source_type: Callable[[int], str] = lambda i: ""
+    #: the node's forward output is saved somewhere in the graph (no replay needed)
+    output_available: Callable[[], bool] = lambda: False
 
 
 class Rule:

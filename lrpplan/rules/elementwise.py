@@ -120,6 +120,10 @@ class ZRule(Rule):
         unknown = [i for i in range(info.n_inputs) if i not in share]
         scalar_lost = info.n_inputs < 2  # AddBackward1 & co: the Python scalar is not an edge
         assumption = ""
+        if (unknown or scalar_lost) and info.output_available():
+            # the unsaved constant = output − known operands: it absorbs its share exactly
+            return Decision(values=tuple(share), send=send,
+                            params={"mode": "z", "share": list(share), "reuse_output": True})
         if unknown or scalar_lost:
             assumption = (f"{info.node_type}: a constant operand autograd did not save is taken "
                           "as 0 (its share of relevance goes to the other operands)")
@@ -140,9 +144,10 @@ class ZRule(Rule):
             return out
         coefs = _coefs(node, p["node_type"])
         terms = {i: coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
-        z = None
-        for t in terms.values():
-            z = t if z is None else z + t
+        z = as_rel(vals[-1], r.dtype) if vals[-1] is not None else None  # the true output
+        if z is None:
+            for t in terms.values():
+                z = t if z is None else z + t
         s = r / stabilize(z, p["epsilon"])
         for i, t in terms.items():
             if send[i]:

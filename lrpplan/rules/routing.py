@@ -150,9 +150,17 @@ register_op("FlipBackward0", "route", key_attrs=("dims",),
             forward=lambda n, v: [v[0].flip(list(n._saved_dims))])
 register_op("RollBackward0", "route", key_attrs=("dims",),
             forward=lambda n, v: [v[0].roll(list(n._saved_shifts), list(n._saved_dims))])
-register_op("AsStridedBackward0", "route",
-            forward=lambda n, v: [v[0].as_strided(n._saved_size, n._saved_stride,
-                                                  n._saved_storage_offset)])
+def _as_strided(node, vals):
+    # exact when the input was laid out contiguously (a freshly computed tensor), which is the
+    # case autograd creates these nodes for (restriding a reduction's output, explicit as_strided)
+    offset = node._saved_storage_offset
+    return [vals[0].contiguous().as_strided(node._saved_size, node._saved_stride,
+                                             0 if offset is None else offset)]
+
+
+register_op(["AsStridedBackward0", "AsStridedBackward1"], "route", forward=_as_strided)
+register_op("ConstantPadNdBackward0", "route",
+            forward=lambda n, v: [torch.nn.functional.pad(v[0], list(n._saved_pad))])
 register_op("IndexBackward0", "route", forward=_index)
 register_op("IndexSelectBackward0", "route", key_attrs=("dim",),
             saved_inputs={},
