@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -10,7 +10,7 @@ import torch
 
 from .cache import PlanCache
 from .config import RuleSet
-from .errors import CacheWarning, InvalidInputError, NonFiniteError, PlanError
+from .errors import InvalidInputError, NonFiniteError
 from .fingerprint import fingerprint
 from .graph import Graph, capture
 from .ledger import Ledger

@@ -53,7 +53,8 @@ __all__ = [
     "Gather", "Expand", "Repeat", "MaxPool", "AvgPool", "Pool", "GeneratedModel",
     "build", "example_inputs",
     # strategies
-    "FAMILIES", "architectures", "dtypes", "inputs_for", "targets_for",
+    "FAMILIES", "ACTIVATIONS", "ZERO_PRESERVING", "architectures", "dtypes", "inputs_for",
+    "targets_for",
     # checks
     "ReportRow", "ConservationReport", "assert_conserves", "assert_replay_matches_trace",
     "conservation_report",
@@ -65,6 +66,8 @@ __all__ = [
 FAMILIES: tuple[str, ...] = ("mlp", "seq", "cnn")
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "silu", "tanh", "sigmoid")
+#: the activations with f(0) = 0 (sigmoid(0) = 1/2 acts like a bias: see :func:`architectures`)
+ZERO_PRESERVING: tuple[str, ...] = ("relu", "gelu", "silu", "tanh")
 _ACT_FN = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
            "sigmoid": torch.sigmoid}
 
@@ -993,10 +996,12 @@ def _divisors(n: int) -> list[int]:
 class _Gen:
     """State of one architecture draw: options and the draw function."""
 
-    def __init__(self, draw: Any, bias: Optional[bool], exclude: frozenset[str]) -> None:
+    def __init__(self, draw: Any, bias: Optional[bool], exclude: frozenset[str],
+                 activations: Sequence[str]) -> None:
         self.draw = draw
         self.bias_opt = bias
         self.exclude = exclude
+        self.activations = list(activations)
 
     def bias(self) -> bool:
         return self.draw(st.booleans()) if self.bias_opt is None else self.bias_opt
@@ -1014,9 +1019,11 @@ class _Gen:
             k += ["LayerNorm", "RMSNorm"]
         k += ["GatedMLP", "BatchNorm"]
         if r == 3:
-            k += ["Conv2d", "GroupNorm"]
+            k += ["Conv2d"] * 2  # family-typical blocks are drawn more often
+            if self.group_counts(shape):
+                k.append("GroupNorm")
         if r == 2 and d <= _MAX_DIM:
-            k.append("Attention")
+            k += ["Attention"] * 3
         if depth == 0:
             k += ["Residual", "Shared"]
         if _divisors(d):
@@ -1047,7 +1054,7 @@ class _Gen:
             out = d if preserving else draw(st.integers(1, 12))
             return Linear(d, out, self.bias())
         if kind == "Act":
-            return Act(draw(st.sampled_from(ACTIVATIONS)))
+            return Act(draw(st.sampled_from(self.activations)))
         if kind == "LayerNorm":
             return LayerNorm(d, self.bias())
         if kind == "RMSNorm":
@@ -1058,9 +1065,8 @@ class _Gen:
             layout = {1: "features", 2: "sequence", 3: "channels"}[r]
             return BatchNorm(shape[0] if r == 3 else d, layout, self.bias())
         if kind == "GroupNorm":
-            c = shape[0]
-            return GroupNorm(draw(st.sampled_from([1] + _divisors(c) + ([c] if c > 1 else []))),
-                             c, self.bias())
+            return GroupNorm(draw(st.sampled_from(self.group_counts(shape))), shape[0],
+                             self.bias())
         if kind == "Conv2d":
             return self.conv(shape, preserving)
         if kind == "Attention":
@@ -1088,7 +1094,7 @@ class _Gen:
                 parts = draw(st.sampled_from([p for p in range(2, n + 1) if n % p == 0]))
             else:
                 parts = draw(st.integers(2, n))
-            return SplitCat(dim, parts, how, draw(st.sampled_from(ACTIVATIONS)))
+            return SplitCat(dim, parts, how, draw(st.sampled_from(self.activations)))
         if kind == "Transpose":
             return Transpose()
         if kind == "Permute":
@@ -1119,6 +1125,12 @@ class _Gen:
         if kind == "Pool":
             return Pool(draw(st.sampled_from(self.pools(shape))))
         raise AssertionError(kind)  # pragma: no cover
+
+    @staticmethod
+    def group_counts(shape: Shape) -> list[int]:
+        """GroupNorm group counts for ``(C, H, W)`` normalising more than one value per group."""
+        c, h, w = shape
+        return [g for g in range(1, c + 1) if c % g == 0 and (c // g) * h * w >= 2]
 
     def pools(self, shape: Shape) -> list[str]:
         if len(shape) == 2:
@@ -1191,8 +1203,8 @@ class _Gen:
 
 @st.composite
 def architectures(draw: Any, families: Sequence[str] = FAMILIES, bias: Optional[bool] = None,
-                  max_blocks: int = 5, max_inputs: int = 2,
-                  exclude: Sequence[str] = ()) -> Architecture:
+                  max_blocks: int = 5, max_inputs: int = 2, exclude: Sequence[str] = (),
+                  activations: Sequence[str] = ACTIVATIONS) -> Architecture:
     """Random valid architectures (a hypothesis strategy).
 
     Every drawn architecture is valid by construction: the generator tracks the per-sample
@@ -1208,8 +1220,10 @@ def architectures(draw: Any, families: Sequence[str] = FAMILIES, bias: Optional[
     bias:
         ``True``: every layer has a bias; ``False``: bias-free everywhere (no linear/conv bias,
         LayerNorm without bias, zero BatchNorm/GroupNorm shift, no additive attention masks) —
-        the setting where conservative rules must put all relevance on the inputs; ``None``:
-        drawn per layer.
+        the setting where conservative rules must put all relevance on the inputs (together
+        with ``activations=ZERO_PRESERVING``: sigmoid(0) = 1/2 is a constant the identity rule
+        passes on to a pre-activation that may be exactly 0, where the ε-rule absorbs it);
+        ``None``: drawn per layer.
     max_blocks:
         most blocks in the body (nested :class:`Residual` / :class:`Shared` bodies add up to two
         each).
@@ -1218,6 +1232,8 @@ def architectures(draw: Any, families: Sequence[str] = FAMILIES, bias: Optional[
     exclude:
         block class names never to generate (e.g. ``("Attention",)``; ``"Embed"`` disables
         token inputs).
+    activations:
+        the element-wise activations to draw from (default :data:`ACTIVATIONS`).
 
     Returns
     -------
@@ -1226,7 +1242,10 @@ def architectures(draw: Any, families: Sequence[str] = FAMILIES, bias: Optional[
     bad = set(families) - set(FAMILIES)
     if bad:
         raise ValueError(f"unknown families {sorted(bad)}; known: {FAMILIES}")
-    gen = _Gen(draw, bias, frozenset(exclude))
+    bad = set(activations) - set(ACTIVATIONS)
+    if bad or not activations:
+        raise ValueError(f"activations must be a non-empty subset of {ACTIVATIONS}")
+    gen = _Gen(draw, bias, frozenset(exclude), activations)
     family = draw(st.sampled_from(list(families)))
     inputs, stems, merge, shape = gen.start(family, max_inputs)
     blocks: list[Block] = []
@@ -1562,9 +1581,9 @@ def assert_replay_matches_trace(model: nn.Module, *inputs: Any, rules: Any = Non
         scale = float(b.double().abs().max()) if b.numel() else 0.0
         err = float((a.double() - b.double()).abs().max()) if b.numel() else 0.0
         if not err <= tol * max(scale, 1e-30):
-            raise AssertionError(f"input {k}: replay differs from trace: max abs error {err:.3g},"
-                                 f" max |relevance| {scale:.3g}, relative {err / max(scale, 1e-30):.3g}"
-                                 f" > {tol:g}")
+            rel = err / max(scale, 1e-30)
+            raise AssertionError(f"input {k}: replay differs from trace: max abs error {err:.3g}, "
+                                 f"max |relevance| {scale:.3g}, relative {rel:.3g} > {tol:g}")
     return replayed
 
 

@@ -29,7 +29,6 @@ from zennit.torchvision import ResNetCanonizer  # noqa: E402
 from zennit.types import Convolution  # noqa: E402
 
 import lrpplan  # noqa: E402
-from lrpplan.errors import UnrecoverableValueError  # noqa: E402
 
 pytestmark = pytest.mark.compare
 

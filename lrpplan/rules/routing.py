@@ -6,7 +6,7 @@ Also: the declared fallbacks ``identity``/``route``/``absorb`` and the opaque ``
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -114,8 +114,9 @@ def _split_sizes(node, v):
 
 
 def _index(node, v):
-    idx = node._saved_indices
-    return [v[0][tuple(idx)]]
+    # a None entry means "this dimension whole" (not a new axis, as it would in Python indexing)
+    idx = tuple(slice(None) if i is None else i for i in node._saved_indices)
+    return [v[0][idx]]
 
 
 register_op(["ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
@@ -134,7 +135,7 @@ register_op("ExpandBackward0", "route", forward=lambda n, v: [v[0].expand(out_sh
 register_op("UnsqueezeBackward0", "route", key_attrs=("dim",),
             forward=lambda n, v: [v[0].unsqueeze(_dim(n._saved_dim))])
 register_op("SelectBackward0", "route", key_attrs=("dim",),
-            forward=lambda n, v: [v[0].select(_dim(n._saved_dim), n._saved_index)])
+            forward=lambda n, v: [v[0].select(_dim(n._saved_dim), _dim(n._saved_index))])
 register_op("SliceBackward0", "route", key_attrs=("dim", "step"), forward=_slice)
 register_op("CatBackward0", "route", key_attrs=("dim",),
             forward=lambda n, v: [torch.cat(list(v), _dim(n._saved_dim))])
