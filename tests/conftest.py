@@ -1,11 +1,14 @@
 """Shared fixtures: an isolated default plan cache, deterministic seeding, float64 helper."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -59,3 +62,49 @@ def float64():
     Integer tensors (token ids) are returned unchanged.
     """
     return _to_float64
+
+
+def _under(arg: object, root: Path) -> bool:
+    if not isinstance(arg, (str, os.PathLike)):
+        return False
+    p = os.path.abspath(os.fspath(arg))
+    return p == str(root) or p.startswith(str(root) + os.sep)
+
+
+@contextlib.contextmanager
+def read_only_dir(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make ``root`` (and every folder below it) unwritable for the duration of the block.
+
+    chmod 0o555 stops writes for ordinary users. Tests may run as root, where it does not: a
+    probe write detects that, and then every mutating call on a path under ``root`` is made to
+    fail with PermissionError instead.
+    """
+    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
+    for d in dirs:
+        d.chmod(0o555)
+    probe = root / "probe"
+    try:
+        probe.write_bytes(b"x")
+    except PermissionError:
+        pass
+    else:
+        probe.unlink()
+
+        def deny(fn):
+            def wrapper(*args, **kwargs):
+                for a in (*args[:2], kwargs.get("dir")):
+                    if _under(a, root):
+                        raise PermissionError(errno.EACCES, "Permission denied (simulated)",
+                                              os.fspath(a))
+                return fn(*args, **kwargs)
+            return wrapper
+
+        for name in ("replace", "rename", "unlink", "utime", "mkdir", "rmdir"):
+            monkeypatch.setattr(os, name, deny(getattr(os, name)))
+        monkeypatch.setattr(tempfile, "mkstemp", deny(tempfile.mkstemp))
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        for d in dirs:
+            d.chmod(0o755)

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 
 from lrpplan.cache import LAYOUT_VERSION, SUFFIX, CacheEntry, PlanCache
 from lrpplan.errors import CacheWarning
+from tests.conftest import read_only_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,13 +315,6 @@ def test_unreadable_entry_is_a_bad_entry(cache):
 # ------------------------------------------------------------- unwritable cache
 
 
-def _under(arg: object, root: Path) -> bool:
-    if not isinstance(arg, (str, os.PathLike)):
-        return False
-    p = os.path.abspath(os.fspath(arg))
-    return p == str(root) or p.startswith(str(root) + os.sep)
-
-
 @pytest.fixture
 def readonly_cache(tmp_path, monkeypatch):
     """A cache holding one good (k(1)) and one corrupt (k(2)) entry, then made read-only.
@@ -335,32 +328,8 @@ def readonly_cache(tmp_path, monkeypatch):
     assert cache.put(k(1), encode(b"good"))
     assert cache.put(k(2), encode(b"bad"))
     plan_file(cache, k(2)).write_bytes(b"garbage")
-    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
-    for d in dirs:
-        d.chmod(0o555)
-    probe = root / "probe"
-    try:
-        probe.write_bytes(b"x")
-    except PermissionError:
-        pass
-    else:
-        probe.unlink()
-
-        def deny(fn):
-            def wrapper(*args, **kwargs):
-                for a in (*args[:2], kwargs.get("dir")):
-                    if _under(a, root):
-                        raise PermissionError(errno.EACCES, "Permission denied (simulated)", os.fspath(a))
-                return fn(*args, **kwargs)
-
-            return wrapper
-
-        for name in ("replace", "rename", "unlink", "utime", "mkdir", "rmdir"):
-            monkeypatch.setattr(os, name, deny(getattr(os, name)))
-        monkeypatch.setattr(tempfile, "mkstemp", deny(tempfile.mkstemp))
-    yield cache
-    for d in dirs:
-        d.chmod(0o755)
+    with read_only_dir(root, monkeypatch):
+        yield cache
 
 
 def test_readonly_put_returns_false_with_one_warning(readonly_cache):

@@ -7,12 +7,10 @@ nothing here uses an expected value produced by the code under test in the same 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -32,6 +30,7 @@ from lrpplan import CacheWarning, PlanCache, PlanError, RuleSet
 from lrpplan.fingerprint import PLAN_FORMAT_VERSION
 from lrpplan.plan import Plan, Step, ValueOp, check_plan, decode, encode
 from tests.models import ENGINE_BUGS, MODELS, SEQUENCE
+from tests.conftest import read_only_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -561,13 +560,6 @@ def test_every_single_byte_flip_is_caught_or_harmless(tmp_path):
 # a read-only cache
 
 
-def _under(arg, root: Path) -> bool:
-    if not isinstance(arg, (str, os.PathLike)):
-        return False
-    p = os.path.abspath(os.fspath(arg))
-    return p == str(root) or p.startswith(str(root) + os.sep)
-
-
 @pytest.fixture
 def readonly_cache(tmp_path, monkeypatch):
     """A cache dir holding the plan of ``resnet_block``, then made read-only.
@@ -579,33 +571,8 @@ def readonly_cache(tmp_path, monkeypatch):
     root = tmp_path / "ro"
     model, x = MODELS["resnet_block"]()
     key = lrpplan.explain(model, *x, cache=root).plan_key
-    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
-    for d in dirs:
-        d.chmod(0o555)
-    probe = root / "probe"
-    try:
-        probe.write_bytes(b"x")
-    except PermissionError:
-        pass
-    else:
-        probe.unlink()
-
-        def deny(fn):
-            def wrapper(*args, **kwargs):
-                for a in (*args[:2], kwargs.get("dir")):
-                    if _under(a, root):
-                        raise PermissionError(errno.EACCES, "Permission denied (simulated)",
-                                              os.fspath(a))
-                return fn(*args, **kwargs)
-            return wrapper
-
-        for name in ("replace", "rename", "unlink", "utime", "mkdir", "rmdir"):
-            monkeypatch.setattr(os, name, deny(getattr(os, name)))
-        monkeypatch.setattr(tempfile, "mkstemp", deny(tempfile.mkstemp))
-    yield root, key
-    monkeypatch.undo()
-    for d in dirs:
-        d.chmod(0o755)
+    with read_only_dir(root, monkeypatch):
+        yield root, key
 
 
 def test_readonly_cache_miss_works_with_one_warning(readonly_cache):

@@ -157,32 +157,25 @@ def _variant_gamma(run, x, w, b, r, p):
             + xp * run.vjp(s_dn, x, w_dn) + xn * run.vjp(s_dn, x, w_up))
 
 
-def _zplus_parts(run, x, w, b, r, eps):
-    """z⁺ (Zennit's ZPlus): positive contributions w⁺x⁺ + w⁻x⁻ (+ b⁺)."""
-    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
-    bp = None if b is None else _pos(b)
-    z = run.fwd(xp, wp, bp) + run.fwd(xn, wn, None)
+def _signed_parts(run, x, w, b, r, eps, positive: bool = True):
+    """Zennit's ZPlus contributions w⁺x⁺ + w⁻x⁻ + b⁺ (``positive``), or the negative ones
+    w⁻x⁺ + w⁺x⁻ + b⁻ that the β term of αβ uses."""
+    xp, xn = _pos(x), _neg(x)
+    wa, wb = (_pos(w), _neg(w)) if positive else (_neg(w), _pos(w))
+    bb = None if b is None else (_pos(b) if positive else _neg(b))
+    z = run.fwd(xp, wa, bb) + run.fwd(xn, wb, None)
     s = r / stabilize(z, eps)
-    return xp * run.vjp(s, x, wp) + xn * run.vjp(s, x, wn)
-
-
-def _zminus_parts(run, x, w, b, r, eps):
-    """negative contributions w⁻x⁺ + w⁺x⁻ (+ b⁻)."""
-    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
-    bn = None if b is None else _neg(b)
-    z = run.fwd(xp, wn, bn) + run.fwd(xn, wp, None)
-    s = r / stabilize(z, eps)
-    return xp * run.vjp(s, x, wn) + xn * run.vjp(s, x, wp)
+    return xp * run.vjp(s, x, wa) + xn * run.vjp(s, x, wb)
 
 
 def _variant_zplus(run, x, w, b, r, p):
-    return _zplus_parts(run, x, w, b, r, p["epsilon"])
+    return _signed_parts(run, x, w, b, r, p["epsilon"])
 
 
 def _variant_alphabeta(run, x, w, b, r, p):
-    out = p["alpha"] * _zplus_parts(run, x, w, b, r, p["epsilon"])
+    out = p["alpha"] * _signed_parts(run, x, w, b, r, p["epsilon"])
     if p["beta"]:
-        out = out - p["beta"] * _zminus_parts(run, x, w, b, r, p["epsilon"])
+        out = out - p["beta"] * _signed_parts(run, x, w, b, r, p["epsilon"], positive=False)
     return out
 
 
