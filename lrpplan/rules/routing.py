@@ -199,8 +199,16 @@ register_op(["MaxBackward0", "MinBackward0", "TopkBackward0", "SortBackward0", "
              "MedianBackward1"], "route", key_attrs=("dim",))
 register_op(["MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"], "route",
             saved_outputs={0: "_saved_result"})
+def _nearest(mode):
+    def fwd(node, vals):
+        size = out_shape(node)
+        return [torch.nn.functional.interpolate(vals[0], size=size[2:], mode=mode)]
+    return fwd
+
+
 register_op(["UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0",
-             "UpsampleNearest3DBackward0", "UpsampleNearestExact2DBackward0"], "route")
+             "UpsampleNearest3DBackward0"], "route", forward=_nearest("nearest"))
+register_op("UpsampleNearestExact2DBackward0", "route", forward=_nearest("nearest-exact"))
 register_op("CopySlices", "copyslices")
 register_op("WeightNormInterfaceBackward0", "route", key_attrs=("dim",),
             saved_inputs={0: "_saved_v", 1: "_saved_g"},
