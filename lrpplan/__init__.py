@@ -12,6 +12,7 @@ from .api import Attribution, Explainer, attribute, explain
 from .cache import PlanCache
 from .config import RuleSet
 from .coverage import coverage, rule_table
+from .dataset import explain_dataset
 from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError, NonFiniteError,
                      PlanError, PlanMismatchError, UnrecoverableValueError, UnsupportedOperation)
 from .ledger import Ledger
@@ -23,5 +24,5 @@ __all__ = [
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
     "LRPError", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
-    "attribute", "coverage", "explain", "rule_table", "__version__",
+    "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
 ]

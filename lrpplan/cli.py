@@ -7,6 +7,9 @@
                     [--rules PRESET] [--param NAME=VALUE] [--cache DIR] [--out FILE]
     lrpplan inspect PLAN_FILE_OR_KEY [--cache DIR] [--steps]
     lrpplan cache ls|verify|clear [--cache DIR]
+    lrpplan explain-dataset MODULE:MODEL_FACTORY MODULE:DATASET_FACTORY --out DIR
+                    [--batch-size N] [--rules PRESET] [--param NAME=VALUE] [--target CLASS]
+                    [--device DEVICE] [--cache DIR] [--num-workers N] [--no-progress]
 
 Every subcommand returns 0 on success and 1 on an error it can explain (the message starts with
 ``lrpplan: error:``); usage errors return 2. ``--cache`` defaults to the user cache
@@ -392,6 +395,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# explain-dataset
+
+
+def _cmd_explain_dataset(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from .dataset import explain_dataset
+
+    factory = _load_factory(args.model)
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{args.model} returned {type(model).__name__}, expected a "
+                       "torch.nn.Module (the factory takes no arguments and returns the model "
+                       "in the mode to explain, usually after .eval())")
+    source = _load_factory(args.data)
+    data = source if isinstance(source, (Dataset, DataLoader)) else source()
+    if not isinstance(data, (Dataset, DataLoader)):
+        raise CLIError(f"{args.data} returned {type(data).__name__}, expected a "
+                       "torch.utils.data.Dataset or DataLoader")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
+    summary = explain_dataset(model, data, target=args.target,
+                              rules=_ruleset(args.rules, args.param), out=args.out,
+                              batch_size=args.batch_size, device=args.device,
+                              cache=_cache(args.cache), num_workers=args.num_workers,
+                              progress=not args.no_progress)
+    if summary.rank == 0:
+        print(f"{summary.new_samples} new samples ({summary.skipped_samples} already done), "
+              f"{summary.samples_per_s:.1f} samples/s; index: {summary.index}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -462,6 +499,40 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", metavar="DIR", help=cache_help)
     d.add_argument("--rules", choices=presets, default="epsilon", help="rule preset")
     d.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser(
+        "explain-dataset", help="explain every sample of a data set into .npy shards + index.json "
+                                "(resumable; runs under torchrun)",
+        description="Import the model factory (no arguments; returns the model in the mode to "
+                    "explain) and the data set factory (no arguments; returns a map-style "
+                    "Dataset or a DataLoader whose samples are a tensor, (inputs,) or (inputs, "
+                    "target)), explain every sample with one compiled plan and write relevance "
+                    "shards and index.json to --out. Run again to resume. Under `torchrun "
+                    "--nproc_per_node N -m lrpplan explain-dataset ...` each process explains "
+                    "its share; see docs/dataset.md.")
+    e.add_argument("model", metavar="MODULE:MODEL_FACTORY",
+                   help="e.g. mymodels:make_cnn or path/to/models.py:make_cnn")
+    e.add_argument("data", metavar="MODULE:DATASET_FACTORY",
+                   help="e.g. mydata:validation_set or path/to/data.py:make_dataset")
+    e.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    e.add_argument("--batch-size", type=int, metavar="N",
+                   help="samples per batch and per shard (default: the DataLoader's, else 32)")
+    e.add_argument("--rules", choices=presets, default="epsilon", help="rule preset")
+    e.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="preset parameter by Zennit's name, e.g. epsilon=1e-9 or gamma=0.5")
+    e.add_argument("--target", type=int, metavar="CLASS",
+                   help="explain this class for every sample (default: the argmax); targets "
+                        "the data set yields, as (inputs, target), take precedence")
+    e.add_argument("--device", metavar="DEVICE",
+                   help="e.g. cuda (cuda:LOCAL_RANK under torchrun) or cpu; default: where the "
+                        "model is")
+    e.add_argument("--cache", metavar="DIR", help=cache_help + "; on several nodes: a shared "
+                                                              "file system")
+    e.add_argument("--num-workers", type=int, metavar="N",
+                   help="DataLoader worker processes (default: the DataLoader's, else 0)")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no summary on stderr")
+    e.set_defaults(func=_cmd_explain_dataset)
     return p
 
 

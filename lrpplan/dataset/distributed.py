@@ -5,12 +5,13 @@ Under ``torchrun`` the environment names the process (``RANK``, ``WORLD_SIZE``, 
 nccl for CUDA devices) unless the caller already did, and :meth:`Comm.close` destroys it only
 if it was created here. Every synchronisation is a sum all-reduce of a small int64 or float64
 tensor, which is a barrier that also carries data (which shards are done, whether a rank
-failed, timings), so no object pickling and no device-specific barrier are needed.
+failed, timings), so no device-specific barrier is needed; only rank 0's plan keys travel as a
+broadcast object (a few strings).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -80,6 +81,16 @@ class Comm:
         buf = t.to(self.device)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf.cpu()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable; small) on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def sync_failure(self, failed: bool, stage: str) -> None:
         """Barrier that also tells every rank whether any rank failed before it.

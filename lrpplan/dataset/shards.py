@@ -55,6 +55,15 @@ _NAME_RE = re.compile(r"shard-(\d{3,})-(\d{6,})(?:\.in(\d+))?\.(npy|json)")
 _CHUNK = 8 * 2**20
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp alone gives 0o600
+
+
 class CorruptShardWarning(UserWarning):
     """A finished shard failed verification (bad checksum, missing file, unreadable sidecar) and
     is computed again."""
@@ -119,6 +128,8 @@ def atomic_write(target: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + target.name + ".", dir=target.parent)
     try:
         with open(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -379,7 +390,7 @@ def read_index(out: "str | os.PathLike[str]") -> dict[str, Any]:
                                 "again to resume)") from None
 
 
-def load(out: "str | os.PathLike[str]", input: int = 0,
+def load(out: "str | os.PathLike[str]", position: int = 0,
          verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Sample ids and relevance of one explained input, concatenated over all shards.
 
@@ -387,7 +398,7 @@ def load(out: "str | os.PathLike[str]", input: int = 0,
     ----------
     out:
         the output directory of a finished run.
-    input:
+    position:
         which positional model input (0 for single-input models).
     verify:
         check every file's checksum against the index.
@@ -403,9 +414,9 @@ def load(out: "str | os.PathLike[str]", input: int = 0,
     index = read_index(root)
     ids, parts = [], []
     for shard in index["shards"]:
-        entry = next((f for f in shard["files"] if f["input"] == input), None)
+        entry = next((f for f in shard["files"] if f["input"] == position), None)
         if entry is None:
-            raise InvalidInputError(f"input {input} has no relevance in shard {shard['index']}")
+            raise InvalidInputError(f"input {position} has no relevance in shard {shard['index']}")
         path = root / entry["file"]
         if verify and checksum_file(path) != entry["checksum"]:
             raise InvalidInputError(f"{path} does not match its checksum in the index")
