@@ -4,8 +4,13 @@ Relevance is summed over channels and normalised symmetrically by ``max |R|``, s
 is white, positive relevance red and negative relevance blue (``"bwr"``, the signed colour map
 Zennit users know from ``zennit.image.imgify``).
 
-Only :func:`heatmap` and :func:`overlay` need Pillow, an optional dependency
-(``pip install lrpplan[viz]``); :func:`colorize` is numpy only.
+Text relevance uses the same colour map: :func:`tokens_html` writes an HTML page with each
+token's background coloured, :func:`tokens_terminal` renders the tokens with 24-bit ANSI
+background colours (or as plain text with the numbers when ``NO_COLOR`` is set).
+:func:`grid` puts several image heatmaps side by side.
+
+Only :func:`heatmap`, :func:`overlay` and :func:`grid` need Pillow, an optional dependency
+(``pip install lrpplan[viz]``); :func:`colorize` and the token renderings are numpy only.
 
 >>> import torch
 >>> rgb = colorize(torch.tensor([[-1.0, 0.0, 1.0]]))
@@ -14,12 +19,14 @@ Only :func:`heatmap` and :func:`overlay` need Pillow, an optional dependency
 """
 from __future__ import annotations
 
+import html
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["COLORMAPS", "colorize", "heatmap", "normalize", "overlay"]
+__all__ = ["COLORMAPS", "colorize", "grid", "heatmap", "normalize", "overlay",
+           "tokens_html", "tokens_terminal"]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -94,9 +101,14 @@ def colorize(relevance: Any, cmap: str = "bwr") -> np.ndarray:
     numpy.ndarray
         ``uint8`` array ``[H, W, 3]``.
     """
+    return _signed_rgb(normalize(relevance), cmap)
+
+
+def _signed_rgb(normalized: np.ndarray, cmap: str) -> np.ndarray:
+    """``uint8`` RGB (a trailing axis of 3) for values in ``[-1, 1]``; 0 is the map's middle."""
     if cmap not in COLORMAPS:
         raise ValueError(f"unknown colour map {cmap!r}; known: {sorted(COLORMAPS)}")
-    pos = (normalize(relevance) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
+    pos = (np.asarray(normalized, dtype=np.float64) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
     anchors = COLORMAPS[cmap]
     xs = np.array([a[0] for a in anchors])
     rgb = np.stack([np.interp(pos, xs, [a[1][c] for a in anchors]) for c in range(3)], axis=-1)
@@ -204,3 +216,264 @@ def overlay(image: Any, relevance: Any, path: Optional[StrPath] = None, cmap: st
     if path is not None:
         img.save(os.fspath(path), format="PNG")
     return img
+
+
+# ------------------------------------------------------------------------------------- grid
+
+#: background of :func:`grid` between the cells (light grey: white already means "no relevance")
+GRID_BACKGROUND = (224, 224, 224)
+#: height in pixels of the title band under each cell of :func:`grid` (when titles are given)
+GRID_TITLE_HEIGHT = 14
+
+
+def grid(relevances: Any, path: Optional[StrPath] = None,
+         titles: Optional[Sequence[str]] = None, ncols: int = 4, cmap: str = "bwr",
+         scale: int = 1, pad: int = 2) -> Any:
+    """Several image heatmaps in one picture, row by row, each normalised by its own ``max |R|``.
+
+    Parameters
+    ----------
+    relevances : sequence of tensors or arrays, or a tensor
+        Image relevances as for :func:`heatmap` (``[H, W]``, ``[C, H, W]``); a tensor's first
+        dimension indexes the explanations (``[N, C, H, W]`` or ``[N, H, W]``). Cells of
+        different sizes are placed at the top left of a cell as large as the largest.
+    path : str or os.PathLike, optional
+        Where to save the picture (PNG).
+    titles : sequence of str, optional
+        One caption per heatmap, drawn under it in a band :data:`GRID_TITLE_HEIGHT` pixels high
+        (clipped to the cell width).
+    ncols : int
+        Heatmaps per row (fewer when there are fewer heatmaps).
+    cmap, scale :
+        As for :func:`heatmap`; ``scale`` upscales every heatmap.
+    pad : int
+        Pixels of :data:`GRID_BACKGROUND` around and between the cells.
+
+    Returns
+    -------
+    PIL.Image.Image
+        An RGB image of width ``c * w + (c + 1) * pad`` and height
+        ``r * (h + t) + (r + 1) * pad``, where ``c = min(ncols, N)``, ``r = ceil(N / c)``,
+        ``h, w`` the largest upscaled heatmap and ``t`` the title band (0 without titles).
+
+    Raises
+    ------
+    ImportError
+        If Pillow is not installed (``pip install lrpplan[viz]``).
+    ValueError
+        If there are no heatmaps, ``ncols`` or ``pad`` is out of range, or ``titles`` has
+        another length.
+    """
+    Image = _pil()
+    cells = [_upscale(colorize(r, cmap), scale) for r in relevances]
+    _check_grid_args(len(cells), titles, ncols, pad)
+    cols = min(int(ncols), len(cells))
+    rows = -(-len(cells) // cols)
+    cell_h = max(c.shape[0] for c in cells)
+    cell_w = max(c.shape[1] for c in cells)
+    band = GRID_TITLE_HEIGHT if titles is not None else 0
+    canvas = np.empty((rows * (cell_h + band) + (rows + 1) * pad,
+                       cols * cell_w + (cols + 1) * pad, 3), dtype=np.uint8)
+    canvas[...] = GRID_BACKGROUND
+    for i, cell in enumerate(cells):
+        y, x = _grid_origin(i, cols, cell_h + band, cell_w, pad)
+        canvas[y:y + cell.shape[0], x:x + cell.shape[1]] = cell
+    img = Image.fromarray(canvas)
+    if titles is not None:
+        _draw_titles(img, titles, cols, cell_h, cell_w, band, pad)
+    if path is not None:
+        img.save(os.fspath(path), format="PNG")
+    return img
+
+
+def _check_grid_args(n: int, titles: Optional[Sequence[str]], ncols: int, pad: int) -> None:
+    if n == 0:
+        raise ValueError("grid needs at least one heatmap")
+    if int(ncols) < 1:
+        raise ValueError(f"ncols must be a positive integer, got {ncols}")
+    if int(pad) < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"{len(titles)} titles for {n} heatmaps")
+
+
+def _grid_origin(i: int, cols: int, cell_h: int, cell_w: int, pad: int) -> tuple[int, int]:
+    """Top-left pixel ``(y, x)`` of cell ``i`` (cells filled row by row)."""
+    r, c = divmod(i, cols)
+    return pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+
+
+def _draw_titles(img: Any, titles: Sequence[str], cols: int, cell_h: int, cell_w: int,
+                 band: int, pad: int) -> None:
+    """Write each title in the band under its cell, clipped to the cell width."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    for i, title in enumerate(titles):
+        y, x = _grid_origin(i, cols, cell_h + band, cell_w, pad)
+        text = str(title)
+        while text and draw.textlength(text) > cell_w:
+            text = text[:-1]
+        draw.text((x, y + cell_h + 1), text, fill=(0, 0, 0))
+
+
+# ----------------------------------------------------------------------------------- tokens
+
+
+def _token_rows(tokens: Sequence[Any], relevance: Any) -> tuple[list[list[str]], list[np.ndarray]]:
+    """Tokens and relevance as rows: one sequence of str (``[T]`` relevance, a leading 1 is
+    dropped) or several sequences (a list of ``[T_i]`` or a ``[N, T]`` tensor)."""
+    if len(tokens) and not isinstance(tokens[0], str):
+        rows = [[str(t) for t in row] for row in tokens]
+        rels = [_numpy(r) for r in relevance]
+    else:
+        rows = [[str(t) for t in tokens]]
+        r = _numpy(relevance)
+        rels = [r[0] if r.ndim == 2 and r.shape[0] == 1 else r]
+    if len(rels) != len(rows):
+        raise ValueError(f"{len(rows)} rows of tokens but {len(rels)} rows of relevance")
+    for toks, rel in zip(rows, rels):
+        if rel.ndim != 1 or rel.shape[0] != len(toks):
+            raise ValueError(f"{len(toks)} tokens but relevance of shape {list(rel.shape)}; "
+                             "expected one value per token")
+        if not np.isfinite(rel).all():
+            raise ValueError("relevance holds NaN or infinity")
+    return rows, rels
+
+
+def _peak(rels: Sequence[np.ndarray]) -> float:
+    """``max |R|`` over all rows (one normalisation for everything shown together)."""
+    return max((float(np.abs(r).max()) for r in rels if r.size), default=0.0)
+
+
+def _hex(rgb: Sequence[int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb))
+
+
+def _text_rgb(background: Sequence[int]) -> tuple[int, int, int]:
+    """Black on light backgrounds, white on dark ones (relative luminance below 0.5)."""
+    r, g, b = (int(c) / 255.0 for c in background)
+    return (255, 255, 255) if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5 else (0, 0, 0)
+
+
+_HTML_STYLE = """body { font-family: sans-serif; margin: 2em; line-height: 2.2; }
+.row { margin: 0.4em 0; }
+.label { color: #555; margin-right: 0.6em; }
+.tok { padding: 0.15em 0.2em; border-radius: 3px; white-space: pre-wrap; }
+.legend { margin-top: 1.5em; font-size: 0.9em; line-height: 1.4; }
+.bar { display: inline-block; width: 16em; height: 1em; vertical-align: middle;
+       margin: 0 0.5em; border: 1px solid #999; }"""
+
+
+def tokens_html(tokens: Sequence[Any], relevance: Any, path: Optional[StrPath] = None,
+                title: Optional[str] = None, cmap: str = "bwr",
+                labels: Optional[Sequence[str]] = None) -> str:
+    """An HTML page with each token's background coloured by its relevance.
+
+    Relevance is normalised symmetrically by ``max |R|`` over everything shown, so with
+    ``"bwr"`` zero is white, positive relevance red and negative relevance blue, as in
+    :func:`heatmap`. Each token shows its value on hover; a legend gives the scale.
+
+    Parameters
+    ----------
+    tokens : sequence of str, or sequence of sequences of str
+        One row of tokens (e.g. ``tokenizer.convert_ids_to_tokens(ids)``), or several rows
+        (several sentences) that share one normalisation. Tokens are HTML-escaped.
+    relevance : tensor, array or sequence
+        One value per token: ``[T]`` (or ``[1, T]``) for one row, a sequence of ``[T_i]`` (or an
+        ``[N, T]`` tensor) for several rows.
+    path : str or os.PathLike, optional
+        Where to write the page (UTF-8).
+    title : str, optional
+        Page title and heading.
+    cmap : str
+        A name in :data:`COLORMAPS`.
+    labels : sequence of str, optional
+        A label in front of each row.
+
+    Returns
+    -------
+    str
+        The HTML document.
+
+    Raises
+    ------
+    ValueError
+        If the number of values does not match the tokens, or relevance is not finite.
+    """
+    rows, rels = _token_rows(tokens, relevance)
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"{len(labels)} labels for {len(rows)} rows")
+    peak = _peak(rels)
+    body = [_html_row(toks, rel, peak, cmap, None if labels is None else labels[i])
+            for i, (toks, rel) in enumerate(zip(rows, rels))]
+    heading = html.escape(title if title is not None else "Token relevance")
+    doc = "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{heading}</title>", f"<style>\n{_HTML_STYLE}\n</style>", "</head>", "<body>",
+        f"<h1>{heading}</h1>", *body, _html_legend(peak, cmap), "</body>", "</html>", ""])
+    if path is not None:
+        with open(os.fspath(path), "w", encoding="utf-8") as f:
+            f.write(doc)
+    return doc
+
+
+def _html_row(tokens: list[str], rel: np.ndarray, peak: float, cmap: str,
+              label: Optional[str]) -> str:
+    colours = _signed_rgb(rel / peak if peak > 0 else np.zeros_like(rel), cmap)
+    spans = []
+    for tok, value, bg in zip(tokens, rel, colours):
+        style = f"background-color: {_hex(bg)}; color: {_hex(_text_rgb(bg))}"
+        spans.append(f'<span class="tok" style="{style}" title="{value:+.4g}" '
+                     f'data-relevance="{value:.8g}">{html.escape(tok)}</span>')
+    head = f'<span class="label">{html.escape(label)}</span>' if label is not None else ""
+    return f'<div class="row">{head}{" ".join(spans)}</div>'
+
+
+def _html_legend(peak: float, cmap: str) -> str:
+    stops = ", ".join(f"{_hex(_signed_rgb(np.array(a[0] * 2 - 1), cmap))} {a[0] * 100:g}%"
+                      for a in COLORMAPS[cmap])
+    return (f'<div class="legend">{-peak:+.3g}<span class="bar" style="background: '
+            f'linear-gradient(to right, {stops})"></span>{peak:+.3g}'
+            f"<br>colour: relevance / max |R| (max |R| = {peak:.4g}); "
+            f"red supports the explained score, blue speaks against it, white is 0</div>")
+
+
+def tokens_terminal(tokens: Sequence[Any], relevance: Any, color: Optional[bool] = None,
+                    cmap: str = "bwr") -> str:
+    """Tokens with 24-bit ANSI background colours by relevance, or plain text with the numbers.
+
+    Parameters
+    ----------
+    tokens, relevance :
+        As for :func:`tokens_html` (one row, or several rows on separate lines).
+    color : bool, optional
+        ``True`` colours, ``False`` writes plain ``token(+0.123)`` text; ``None`` colours unless
+        the ``NO_COLOR`` environment variable is set to a non-empty value (https://no-color.org).
+    cmap : str
+        A name in :data:`COLORMAPS`.
+
+    Returns
+    -------
+    str
+        One line per row, tokens separated by spaces; coloured tokens end with a reset
+        (``ESC[0m``).
+    """
+    rows, rels = _token_rows(tokens, relevance)
+    if color is None:
+        color = not os.environ.get("NO_COLOR")
+    peak = _peak(rels)
+    lines = []
+    for toks, rel in zip(rows, rels):
+        if not color:
+            lines.append(" ".join(f"{t}({v:+.3g})" for t, v in zip(toks, rel)))
+            continue
+        colours = _signed_rgb(rel / peak if peak > 0 else np.zeros_like(rel), cmap)
+        lines.append(" ".join(_ansi(t, bg) for t, bg in zip(toks, colours)))
+    return "\n".join(lines)
+
+
+def _ansi(token: str, bg: Sequence[int]) -> str:
+    fg = _text_rgb(bg)
+    return ("\x1b[48;2;{};{};{}m\x1b[38;2;{};{};{}m".format(*(int(c) for c in bg), *fg)
+            + token.replace("\x1b", "\\x1b") + "\x1b[0m")  # no escape sequences from tokens
