@@ -12,6 +12,7 @@ Red is positive relevance, blue negative, white zero; each heatmap is scaled by 
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 
 import lrpplan
+
+#: plans go to the repository's cache/ directory unless LRPPLAN_CACHE is set
+CACHE_DIR = Path(os.environ.get("LRPPLAN_CACHE") or Path(__file__).resolve().parents[1] / "cache")
 from lrpplan import viz
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -65,7 +69,7 @@ def main(out: str = "digits-heatmaps.png") -> Path:
     }
     rows = [[_gray(img) for img in x]]
     for name, rules in presets.items():
-        attr = lrpplan.explain(model, x, rules=rules, cache=False)  # target: predicted class
+        attr = lrpplan.explain(model, x, rules=rules, cache=CACHE_DIR)  # predicted class
         rel = attr.relevance.detach()
         print(f"{name:>18}: predicted {attr.target.tolist()} (labels {y.tolist()}); "
               f"ledger closes: {attr.ledger.closes()}; relevance sums "
