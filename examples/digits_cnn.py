@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 import lrpplan
-
-#: plans go to the repository's cache/ directory unless LRPPLAN_CACHE is set
-CACHE_DIR = Path(os.environ.get("LRPPLAN_CACHE") or Path(__file__).resolve().parents[1] / "cache")
 from lrpplan import viz
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import digits  # noqa: E402  (benchmarks/digits.py: data, model, training)
+
+#: plans go to the repository's cache/ directory unless LRPPLAN_CACHE is set
+CACHE_DIR = Path(os.environ.get("LRPPLAN_CACHE") or Path(__file__).resolve().parents[1] / "cache")
 
 N_SHOW = 8
 SCALE = 16  # 8×8 → 128×128 pixels per cell
