@@ -20,13 +20,13 @@ from __future__ import annotations
 import operator
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
 
 from lrpplan.errors import CacheWarning
+from lrpplan.fsutil import atomic_write
 
 __all__ = ["LAYOUT_VERSION", "SUFFIX", "CacheEntry", "PlanCache"]
 
@@ -64,23 +64,6 @@ def _default_root() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "lrpplan"
     return Path.home() / ".cache" / "lrpplan"
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Best-effort fsync of a directory so a rename in it survives a crash.
-
-    Skipped silently where directories cannot be opened (Windows) or synced.
-    """
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> bool:
@@ -298,7 +281,7 @@ class PlanCache:
             raise TypeError(f"plan data must be bytes, got {type(data).__name__}")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._atomic_write(target, data)
+            atomic_write(target, data, prefix=_TMP_PREFIX, suffix=".part")
         except OSError as exc:
             warnings.warn(
                 f"lrpplan plan cache: could not store plan {key} in {self.path}: "
@@ -309,20 +292,6 @@ class PlanCache:
             return False
         self._evict(keep=target)
         return True
-
-    @staticmethod
-    def _atomic_write(target: Path, data: bytes | bytearray | memoryview) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=target.parent)
-        try:
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            _unlink_quietly(Path(tmp))
-            raise
-        _fsync_dir(target.parent)
 
     def _evict(self, keep: Path) -> None:
         """Remove least recently used plans until the total is <= ``max_bytes``."""

@@ -28,7 +28,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import xxhash
 
 from ..errors import InvalidInputError
+from ..fsutil import atomic_write, fsync_dir
 
 __all__ = ["CHECKSUM", "INDEX_NAME", "CorruptShardWarning", "DatasetMismatchError", "ShardSpec",
            "ShardStore", "layout", "load", "read_index"]
@@ -106,40 +106,10 @@ def npy_name(rank: int, index: int, input_pos: int) -> str:
 # files
 
 
-def fsync_dir(directory: Path) -> None:
-    """Best-effort fsync of ``directory`` so the renames in it survive a crash."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temporary file in the same directory + os.replace.
-
-    The caller fsyncs the directory (once per shard, see the module docstring).
-    """
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + target.name + ".", dir=target.parent)
-    try:
-        with open(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), _FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Atomic write of one shard file; the caller fsyncs the directory once per shard."""
+    atomic_write(target, data, prefix=_TMP_PREFIX + target.name + ".", mode=_FILE_MODE,
+                 sync_dir=False)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -310,14 +280,14 @@ class ShardStore:
                 continue
             data = npy_bytes(arr)
             name = npy_name(rank, spec.index, pos)
-            atomic_write(self.root / name, data)
+            _atomic_write(self.root / name, data)
             files.append({"input": pos, "file": name, "shape": list(arr.shape),
                           "dtype": arr.dtype.name, "bytes": len(data),
                           "checksum": checksum_bytes(data)})
         record = {"format": SHARD_FORMAT, "version": FORMAT_VERSION, "run": self.run_key,
                   "rank": rank, "index": spec.index, "sample_range": [spec.start, spec.stop],
                   **meta, "files": files, "config": self.config}
-        atomic_write(self.root / (shard_stem(rank, spec.index) + ".json"),
+        _atomic_write(self.root / (shard_stem(rank, spec.index) + ".json"),
                      json.dumps(record, sort_keys=True).encode())
         fsync_dir(self.root)
         return record
@@ -359,7 +329,7 @@ class ShardStore:
                 return False
         except FileNotFoundError:
             pass
-        atomic_write(target, data)
+        _atomic_write(target, data)
         fsync_dir(self.root)
         return True
 
