@@ -94,6 +94,19 @@ def parse_example(spec: str, seed: int = 0) -> Any:
     return torch.randint(0, high, shape, generator=gen, dtype=dtype)
 
 
+def _load_model(spec: str) -> Any:
+    """The model a ``MODULE:FACTORY`` spec names (a module instance or a zero-argument factory)."""
+    import torch
+
+    factory = _load_factory(spec)
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module "
+                       "(the factory takes no arguments and returns the model in the mode to "
+                       "explain, usually after .eval())")
+    return model
+
+
 def _load_factory(spec: str) -> Any:
     """Import ``MODULE:FACTORY`` (MODULE may be a dotted name or a ``.py`` file)."""
     mod_name, sep, attr = spec.rpartition(":")
@@ -171,17 +184,10 @@ def _bytes(n: int) -> str:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    import torch
-
     from . import explain
     from .plan import encode
 
-    factory = _load_factory(args.factory)
-    model = factory if isinstance(factory, torch.nn.Module) else factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"{args.factory} returned {type(model).__name__}, expected a "
-                       "torch.nn.Module (the factory takes no arguments and returns the model "
-                       "in the mode to explain, usually after .eval())")
+    model = _load_model(args.factory)
     examples = [parse_example(spec, seed=args.seed + i) for i, spec in enumerate(args.example)]
     rules = _ruleset(args.rules, args.param)
     cache = _cache(args.cache)
@@ -220,12 +226,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_coverage(args: argparse.Namespace) -> int:
-    import torch
-
     from .coverage import coverage
 
-    factory = _load_factory(args.factory)
-    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    model = _load_model(args.factory)
     examples = [parse_example(spec, seed=args.seed + i) for i, spec in enumerate(args.example)]
     report = coverage(model, *examples, rules=_ruleset(args.rules, args.param))
     print(report.format())
@@ -399,17 +402,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain_dataset(args: argparse.Namespace) -> int:
-    import torch
     from torch.utils.data import DataLoader, Dataset
 
     from .dataset import explain_dataset
 
-    factory = _load_factory(args.model)
-    model = factory if isinstance(factory, torch.nn.Module) else factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"{args.model} returned {type(model).__name__}, expected a "
-                       "torch.nn.Module (the factory takes no arguments and returns the model "
-                       "in the mode to explain, usually after .eval())")
+    model = _load_model(args.model)
     source = _load_factory(args.data)
     data = source if isinstance(source, (Dataset, DataLoader)) else source()
     if not isinstance(data, (Dataset, DataLoader)):
