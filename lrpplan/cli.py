@@ -286,6 +286,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"fused internal nodes: {s['fused_internal_nodes']}")
     print(f"Promise density ρ: {float(s['promise_density']):.4f}")
     print(f"max Promise depth: {s['max_promise_depth']}")
+    if "promise_tree_nodes" in s:
+        print(f"Promise tree nodes (nested Promises): {s['promise_tree_nodes']}")
     print(f"relevance slots: {plan.n_rel}, value slots: {plan.n_val}")
     targets = ", ".join(f"{t.get('kind', '?')} input {t.get('index', '?')}" for t in plan.targets)
     print(f"targets: {targets or 'none'}")

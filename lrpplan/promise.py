@@ -72,13 +72,20 @@ def read_saved(node: Any, attr: str) -> Any:
 
 @dataclass
 class PromiseBranch:
-    """The search for one missing input value of a Promise's origin."""
+    """The search for one missing input value of a Promise's origin.
+
+    ``internal`` lists the nodes this branch forward-replays (its Promise tree, flattened in
+    replay order), ``arg_nodes`` where it found values, ``depth`` the longest chain of replayed
+    nodes from an Arg node up to the origin, and ``tree_nodes`` the internal nodes that needed
+    several replayed inputs themselves (nested Promises: where the tree branches).
+    """
 
     input_pos: int
     edge: Edge
     arg_nodes: list[int] = field(default_factory=list)
     internal: list[int] = field(default_factory=list)
-    children: list["Promise"] = field(default_factory=list)
+    depth: int = 0
+    tree_nodes: int = 0
 
 
 @dataclass
@@ -89,20 +96,11 @@ class Promise:
     branches: list[PromiseBranch] = field(default_factory=list)
 
     def depth(self) -> int:
-        """Longest forward chain (number of replayed nodes) over all branches and subtrees."""
-        best = 0
-        for b in self.branches:
-            sub = max((c.depth() for c in b.children), default=0)
-            best = max(best, len(b.internal) + sub)
-        return best
+        """Longest forward chain (number of replayed nodes) over all branches."""
+        return max((b.depth for b in self.branches), default=0)
 
     def internal_nodes(self) -> list[int]:
-        out: list[int] = []
-        for b in self.branches:
-            out += b.internal
-            for c in b.children:
-                out += c.internal_nodes()
-        return out
+        return [n for b in self.branches for n in b.internal]
 
 
 class ValueResolver:
@@ -126,6 +124,8 @@ class ValueResolver:
         self.recipes: dict[Edge, Optional[Recipe]] = {}
         self.slots: dict[Edge, int] = {}
         self.fwd_outs: dict[int, tuple[int, ...]] = {}
+        #: edge -> length of the longest forward-replay chain that produced its value
+        self.depths: dict[Edge, int] = {}
         self.assumptions: list[str] = []
         #: edge -> id of a node with no op spec that blocked its recovery
         self.blocked_by: dict[Edge, int] = {}
@@ -246,6 +246,7 @@ class ValueResolver:
             pid, ins = rec[1], rec[2]
             if pid in self.fwd_outs:  # another output of a multi-output node already replayed
                 self.slots[e] = self._out_slot(pid, e[1])
+                self.depths[e] = self.depths[(pid, 0)] if (pid, 0) in self.depths else 1
                 stack.pop()
                 continue
             pending = [c for c in ins.values()
@@ -276,10 +277,19 @@ class ValueResolver:
             outs = tuple(self.new_slot() for _ in range(n_out))
             self._emit(ValueOp("fwd", pid, "", tuple(in_slots), outs), chain)
             self.fwd_outs[pid] = outs
+            child_depths = [self.depths.get(c, 0) for c in ins.values()
+                            if isinstance(c, tuple) and len(c) == 2]
+            depth = 1 + max(child_depths, default=0)
+            for nr in range(n_out):
+                self.depths[(pid, nr)] = depth
             if branch is not None:
                 branch.internal.append(pid)
+                if sum(d > 0 for d in child_depths) > 1:
+                    branch.tree_nodes += 1
             self.slots[e] = outs[e[1]]
             stack.pop()
+        if branch is not None:
+            branch.depth = max(branch.depth, self.depths.get(edge, 0))
         return self.slots[edge]
 
     def _n_outputs(self, pid: int) -> int:

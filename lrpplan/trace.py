@@ -301,6 +301,7 @@ class Tracer:
             "promise_branches": sum(len(p.branches) for p in self.promises),
             "fused_internal_nodes": internal,
             "max_promise_depth": max((p.depth() for p in self.promises), default=0),
+            "promise_tree_nodes": sum(b.tree_nodes for p in self.promises for b in p.branches),
             "promise_density": len(self.promises) / max(1, len(self.g)),
         }
         header = {"format": PLAN_FORMAT_VERSION, "torch": torch_minor(), "roots": root_slots,
