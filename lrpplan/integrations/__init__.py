@@ -1,0 +1,1 @@
+"""Optional integrations with Captum, Quantus and Hugging Face transformers (imported lazily)."""
