@@ -8,6 +8,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+import subprocess
+import time
 from typing import Iterator
 
 import pytest
@@ -108,3 +110,21 @@ def read_only_dir(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
         monkeypatch.undo()
         for d in dirs:
             d.chmod(0o755)
+
+
+def run_together(procs: list[subprocess.Popen], sync: Path, timeout: float) -> list[tuple]:
+    """Wait until every worker wrote ``sync/ready-*``, release them all at once through
+    ``sync/go`` and collect ``(stdout, stderr)`` of each; kills the workers on any failure."""
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(sync.glob("ready-*"))) < len(procs):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.005)
+        (sync / "go").touch()
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

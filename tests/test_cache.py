@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lrpplan.cache import LAYOUT_VERSION, SUFFIX, CacheEntry, PlanCache
 from lrpplan.errors import CacheWarning
-from tests.conftest import read_only_dir
+from tests.conftest import read_only_dir, run_together
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -507,19 +507,7 @@ def test_concurrent_writers_same_key(tmp_path):
         )
         for wid in range(1, 5)
     ]
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(sync.glob("ready-*"))) < 4:
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            assert time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.005)
-        (sync / "go").touch()
-        results = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = run_together(procs, sync, timeout=60)
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
         assert out.strip() == "ok"

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -30,7 +29,7 @@ from lrpplan import CacheWarning, PlanCache, PlanError, RuleSet
 from lrpplan.fingerprint import PLAN_FORMAT_VERSION
 from lrpplan.plan import Plan, Step, ValueOp, check_plan, decode, encode
 from tests.models import ENGINE_BUGS, MODELS, SEQUENCE
-from tests.conftest import read_only_dir
+from tests.conftest import read_only_dir, run_together
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -427,19 +426,7 @@ def test_four_processes_compile_the_same_key(tmp_path):
                               env=subprocess_env(), cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for wid in range(4)]
-    try:
-        deadline = time.monotonic() + 90
-        while len(list(sync.glob("ready-*"))) < 4:
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            assert time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.01)
-        (sync / "go").touch()
-        results = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = run_together(procs, sync, timeout=90)
     ref = lrpplan.explain(model, *x, cache=False)
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
