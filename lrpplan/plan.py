@@ -4,8 +4,10 @@ A plan is a straight-line program over integer node ids (positions in the canoni
 :mod:`lrpplan.graph`), relevance slots and value slots:
 
 ``ValueOp``  recovers a forward value: ``leaf`` (a leaf's variable), ``saved`` (a ``_saved_*``
-             attribute of some node) or ``fwd`` (re-run a node's forward op: one link of a
-             Promise's forward chain).
+             attribute of some node), ``base`` (the ``_base`` of a saved view), ``reshape``
+             (a value slot reshaped to the saved input sizes of a view node), ``sub`` (an
+             operand of an addition: its output minus the other operand) or ``fwd`` (re-run a
+             node's forward op: one link of a Promise's forward chain).
 ``Step``     ``rule``    apply a node's rule: read relevance slots ``rel_in`` (one per forward output),
                          write or accumulate into ``rel_out`` (one per input, -1 = none);
              ``fused``   one resolved Promise path: its forward ``chain`` of value ops, then the
@@ -27,7 +29,7 @@ from .errors import PlanError
 
 SCHEMA_VERSION = 1
 STEP_KINDS = ("rule", "fused", "collect")
-VALUE_KINDS = ("leaf", "saved", "fwd")
+VALUE_KINDS = ("leaf", "saved", "base", "reshape", "sub", "fwd")
 MAGIC = "lrpplan-plan"
 
 ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attribute
@@ -37,16 +39,20 @@ ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attr
 class ValueOp:
     """Recover one or more forward values into value slots."""
 
-    kind: str                  # "leaf" | "saved" | "fwd"
+    kind: str                  # "leaf" | "saved" | "base" | "reshape" | "sub" | "fwd"
     node: int
-    attr: str = ""             # for "saved"
-    ins: tuple[int, ...] = ()  # for "fwd": value slot per input position (-1: not needed/None)
+    attr: str = ""             # for "saved" and "base"
+    ins: tuple[int, ...] = ()  # "fwd": value slot per input position (-1: none); "reshape": one
     outs: tuple[int, ...] = ()  # value slot per forward output (-1: unused)
 
     def format(self) -> str:
         if self.kind == "fwd":
             return f"v{list(self.outs)} = fwd(#{self.node})({list(self.ins)})"
-        what = "variable" if self.kind == "leaf" else self.attr
+        if self.kind == "sub":
+            return f"v{self.outs[0]} = v{self.ins[0]} - v{self.ins[1]}  (#{self.node})"
+        if self.kind == "reshape":
+            return f"v{self.outs[0]} = v{self.ins[0]}.reshape(#{self.node}._saved_self_sym_sizes)"
+        what = {"leaf": "variable", "base": f"{self.attr}._base"}.get(self.kind, self.attr)
         return f"v{self.outs[0]} = #{self.node}.{what}"
 
 
@@ -229,7 +235,7 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
         if v.kind not in VALUE_KINDS:
             raise PlanError(f"{where}: unknown value op {v.kind!r}")
         node_ok(v.node, where)
-        if v.kind == "saved" and not v.attr.startswith("_saved_"):
+        if v.kind in ("saved", "base") and not v.attr.startswith("_saved_"):
             raise PlanError(f"{where}: attribute {v.attr!r} is not a saved attribute")
         for s in v.ins:
             if s != -1 and s not in written_val:

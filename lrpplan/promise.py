@@ -38,6 +38,21 @@ _ZERO_OK = frozenset({"AddBackward0", "SubBackward0", "RsubBackward0", "AddBackw
                       "SubBackward1", "RsubBackward1"})
 
 
+#: node types whose forward output is a view of their (single tracked) input: a value saved
+#: further down such a chain is a view whose ``_base`` is the tensor entering the chain
+_VIEW_OPS = frozenset({
+    "ViewBackward0", "ReshapeAliasBackward0", "SelectBackward0", "SliceBackward0",
+    "TransposeBackward0", "PermuteBackward0", "TBackward0", "UnsqueezeBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "ExpandBackward0",
+    "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "AliasBackward0",
+    "AsStridedBackward0", "DiagonalBackward0", "NarrowBackward0", "UnfoldBackward0",
+})
+#: reshapes whose input shape is saved as ``_saved_self_sym_sizes``: the input value is the
+#: output value reshaped back (``UnsafeView`` outputs are fresh tensors, not views)
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+#: producers whose output may alias something else (never the start of a ``base`` lookup)
+_ALIASING = _VIEW_OPS | {"AccumulateGrad", "CopySlices"}
+
 #: forward replays that cannot be exact, and what they assume
 _LOSSY_FORWARD = {
     "ConstantPadNdBackward0": "forward value recomputed with the unsaved pad value taken as 0",
@@ -133,7 +148,12 @@ class ValueResolver:
     # -- structural decision ----------------------------------------------------------------
 
     def direct(self, edge: Edge) -> Optional[Recipe]:
-        """A source that holds the value already (no forward replay), or None."""
+        """A source that holds the value already (no forward replay), or None.
+
+        In order: a leaf's variable; the producer's saved output; a consumer's saved input;
+        the ``_base`` of a view of the value that a consumer further down a chain of views
+        saved; the saved-or-viewed output of a reshape, reshaped back (``unview``).
+        """
         g = self.graph
         pid, nr = edge
         ptype = g.types[pid]
@@ -151,6 +171,69 @@ class ValueResolver:
             attr = cspec.saved_inputs.get(pos) if cspec is not None else None
             if attr and read_saved(g.nodes[c], attr) is not None:
                 return ("saved", c, attr)
+        if ptype not in _ALIASING:
+            found = self._saved_view_base(edge)
+            if found is not None:
+                return found
+        for c, pos in g.consumers(pid):
+            if g.edges[c][pos] == edge and g.types[c] in _RESHAPES and (
+                    (c, 0) in self.slots or self.direct((c, 0))):
+                return ("unview", c, (c, 0))
+        return None
+
+    def _difference(self, edge: Edge) -> Optional[Recipe]:
+        """``("diff", add, out_edge, other_edge)``: ``edge`` feeds ``out = edge + other`` and
+        both ``out`` and ``other`` are held by the graph, so the value is ``out - other``.
+
+        Cheaper than re-running the branch that produced it (a residual branch: a matmul); it
+        differs from the exact value by one rounding of ``out``, which moves a z-rule's shares
+        by at most ``ulp(out) / |out|`` of the relevance at ``out``.
+        """
+        g = self.graph
+        meta = g.nodes[edge[0]]._input_metadata[edge[1]]
+        for c, pos in g.consumers(edge[0]):
+            if g.edges[c][pos] != edge or g.types[c] != "AddBackward0" or len(g.edges[c]) != 2:
+                continue
+            node = g.nodes[c]
+            other = g.edges[c][1 - pos]
+            if other is None or other == edge or getattr(node, "_saved_alpha", 1) != 1:
+                continue
+            out_meta = node._input_metadata[0]
+            other_meta = g.nodes[other[0]]._input_metadata[other[1]]
+            if not (tuple(meta.shape) == tuple(out_meta.shape) == tuple(other_meta.shape)
+                    and meta.dtype == out_meta.dtype == other_meta.dtype):
+                continue
+            if self.direct((c, 0)) is not None and self.direct(other) is not None:
+                return ("diff", c, (c, 0), other)
+        return None
+
+    def _saved_view_base(self, edge: Edge) -> Optional[Recipe]:
+        """``("base", node, attr)``: a consumer down a chain of views of ``edge`` saved a view
+        whose ``_base`` is the value on ``edge`` (same shape and dtype; checked here)."""
+        g = self.graph
+        meta = g.nodes[edge[0]]._input_metadata[edge[1]]
+        shape, dtype = tuple(meta.shape), meta.dtype
+        frontier, seen = [edge], {edge}
+        while frontier:
+            e = frontier.pop()
+            for c, pos in g.consumers(e[0]):
+                if g.edges[c][pos] != e:
+                    continue
+                ctype = g.types[c]
+                if ctype in _VIEW_OPS:
+                    for out in range(max(1, len(g.nodes[c]._input_metadata))):
+                        if (c, out) not in seen:
+                            seen.add((c, out))
+                            frontier.append((c, out))
+                    continue
+                if e == edge:
+                    continue  # a direct consumer's saved input is the value itself (see direct)
+                cspec = OPS.get(ctype)
+                attr = cspec.saved_inputs.get(pos) if cspec is not None else None
+                t = read_saved(g.nodes[c], attr) if attr else None
+                base = getattr(t, "_base", None)
+                if base is not None and tuple(base.shape) == shape and base.dtype == dtype:
+                    return ("base", c, attr)
         return None
 
     def recipe(self, edge: Edge) -> Optional[Recipe]:
@@ -164,7 +247,7 @@ class ValueResolver:
             if e in self.recipes:
                 stack.pop()
                 continue
-            found = self.direct(e)
+            found = self.direct(e) or self._difference(e)
             if found is not None:
                 self.recipes[e] = found
                 stack.pop()
@@ -234,9 +317,33 @@ class ValueResolver:
                 continue
             rec = self.recipes[e]
             kind = rec[0]
-            if kind in ("leaf", "saved"):
+            if kind == "diff":
+                todo = [x for x in rec[2:] if x not in self.slots]
+                if todo:
+                    for x in todo:
+                        self.recipes.setdefault(x, self.direct(x))
+                    stack.extend(todo)
+                    continue
                 slot = self.new_slot()
-                op = ValueOp(kind, rec[1], rec[2] if kind == "saved" else "", (), (slot,))
+                self._emit(ValueOp("sub", rec[1], "", (self.slots[rec[2]], self.slots[rec[3]]),
+                                   (slot,)), chain)
+                self.slots[e] = slot
+                stack.pop()
+                continue
+            if kind == "unview":
+                child = rec[2]
+                if child not in self.slots:
+                    self.recipes.setdefault(child, self.direct(child) or self._difference(child))
+                    stack.append(child)
+                    continue
+                slot = self.new_slot()
+                self._emit(ValueOp("reshape", rec[1], "", (self.slots[child],), (slot,)), chain)
+                self.slots[e] = slot
+                stack.pop()
+                continue
+            if kind in ("leaf", "saved", "base"):
+                slot = self.new_slot()
+                op = ValueOp(kind, rec[1], rec[2] if kind != "leaf" else "", (), (slot,))
                 self._emit(op, chain)
                 self.slots[e] = slot
                 if branch is not None:

@@ -67,7 +67,8 @@ class Executor:
         self.val: list[Any] = [None] * n_val
         self.results: list[Optional[torch.Tensor]] = [None] * n_targets
         self.ledger_rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.value_ops = {"leaf": self.op_leaf, "saved": self.op_saved, "fwd": self.op_fwd}
+        self.value_ops = {"leaf": self.op_leaf, "saved": self.op_saved, "base": self.op_base,
+                          "reshape": self.op_reshape, "sub": self.op_sub, "fwd": self.op_fwd}
 
     # -- value ops ----------------------------------------------------------------------------
 
@@ -79,6 +80,19 @@ class Executor:
 
     def op_saved(self, op: ValueOp) -> None:
         self.val[op.outs[0]] = read_saved(self.nodes[op.node], op.attr)
+
+    def op_base(self, op: ValueOp) -> None:
+        base = read_saved(self.nodes[op.node], op.attr)._base
+        if base is None:
+            raise PlanError(f"#{op.node}.{op.attr} is no longer a view: stale plan")
+        self.val[op.outs[0]] = base
+
+    def op_reshape(self, op: ValueOp) -> None:
+        self.val[op.outs[0]] = self.val[op.ins[0]].reshape(
+            self.nodes[op.node]._saved_self_sym_sizes)
+
+    def op_sub(self, op: ValueOp) -> None:
+        self.val[op.outs[0]] = self.val[op.ins[0]] - self.val[op.ins[1]]
 
     def op_fwd(self, op: ValueOp) -> None:
         node = self.nodes[op.node]

@@ -234,7 +234,10 @@ class Tracer:
             vals.append((pos, self.values.materialize(e, chain, branch)))
         if decision.params.get("reuse_output") and n_out == 1:
             # the forward output a consumer already saved: no recomputation at run time
-            if self.values.direct((n, 0)) is not None:
+            held = None if (n, 0) in self.values.slots else self.values.direct((n, 0))
+            if held is not None or (n, 0) in self.values.slots:
+                if held is not None:  # never a forward replay recipe memoised earlier
+                    self.values.recipes[(n, 0)] = held
                 vals.append((len(edges), self.values.materialize((n, 0), chain)))
         rel_out = tuple(self._slot(e) if (send and self.edge_live(e)) else -1
                         for e, send in zip(edges, decision.send))
