@@ -37,12 +37,17 @@ class Ledger:
 
     @cached_property
     def rows(self) -> list[LedgerRow]:
-        if not self._rows:
-            return []
-        ins = torch.stack([torch.as_tensor(r[1], dtype=torch.float64).cpu() for r in self._rows])
-        outs = torch.stack([torch.as_tensor(r[2], dtype=torch.float64).cpu() for r in self._rows])
-        return [LedgerRow(r[0], self._types[r[0]], float(i), float(o))
-                for r, i, o in zip(self._rows, ins.tolist(), outs.tolist())]
+        # each row holds lists of 0-d sums (one per deposit); one stack, one transfer for all
+        parts = [t for r in self._rows for t in (*r[1], *r[2])]
+        if not parts:
+            return [LedgerRow(r[0], self._types[r[0]], 0.0, 0.0) for r in self._rows]
+        values = iter(torch.stack([t.to(torch.float64) for t in parts]).cpu().tolist())
+        out = []
+        for node, ins, outs in self._rows:
+            inflow = sum(next(values) for _ in ins)
+            outflow = sum(next(values) for _ in outs)
+            out.append(LedgerRow(node, self._types[node], float(inflow), float(outflow)))
+        return out
 
     @cached_property
     def start(self) -> float:

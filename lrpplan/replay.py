@@ -62,11 +62,12 @@ class Executor:
         self.graph = graph
         self.nodes = graph.nodes
         self.rel: list[Optional[torch.Tensor]] = [None] * n_rel
-        #: Σ of the relevance deposited per slot, for the ledger (one reduction per deposit)
-        self.rel_sum: list[Any] = [0.0] * n_rel
+        #: Σ of each deposit into a slot, for the ledger (one reduction per deposit, no more)
+        self.rel_sum: list[list[torch.Tensor]] = [[] for _ in range(n_rel)]
         self.val: list[Any] = [None] * n_val
         self.results: list[Optional[torch.Tensor]] = [None] * n_targets
-        self.ledger_rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        #: (node, sums of the relevance it received, sums of the relevance it sent)
+        self.ledger_rows: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
         self.value_ops = {"leaf": self.op_leaf, "saved": self.op_saved, "base": self.op_base,
                           "reshape": self.op_reshape, "sub": self.op_sub, "fwd": self.op_fwd}
 
@@ -109,26 +110,26 @@ class Executor:
         """Aggregate relevance arriving on an edge (input aggregation, paper App. E)."""
         cur = self.rel[slot]
         self.rel[slot] = t if cur is None else cur + t
-        self.rel_sum[slot] = self.rel_sum[slot] + (t.sum() if t_sum is None else t_sum)
+        self.rel_sum[slot].append(t.sum() if t_sum is None else t_sum)
 
     def rule(self, b: BoundStep) -> None:
         s = b.step
         node = self.nodes[s.node]
         rel = []
-        in_sum: Any = 0.0
+        in_sums: list[torch.Tensor] = []
         for slot in s.rel_in:
             if slot >= 0:
                 rel.append(self.rel[slot])
-                in_sum = in_sum + self.rel_sum[slot]
+                in_sums += self.rel_sum[slot]
                 self.rel[slot] = None  # each edge slot is read once, by its producer
-                self.rel_sum[slot] = 0.0
+                self.rel_sum[slot] = []
             else:
                 rel.append(None)
         vals: list[Any] = [None] * (len(s.rel_out) + 1)  # last: the node's own output
         for pos, src in s.vals:
             vals[pos] = read_saved(node, src) if isinstance(src, str) else self.val[src]
         out = b.run(node, rel, vals, b.params)
-        out_sum = None
+        out_sums: list[torch.Tensor] = []
         edges = self.graph.edges[s.node]
         for pos, slot in enumerate(s.rel_out):
             if slot < 0:
@@ -141,9 +142,9 @@ class Executor:
                 pid, nr = edges[pos]
                 t = sum_to(t, self.nodes[pid]._input_metadata[nr].shape)
             ts = t.sum()
-            out_sum = ts if out_sum is None else out_sum + ts
+            out_sums.append(ts)
             self.deposit(slot, t, ts)
-        self.ledger_rows.append((s.node, in_sum, out_sum if out_sum is not None else 0.0))
+        self.ledger_rows.append((s.node, in_sums, out_sums))
 
     def fused(self, step: Step, body: list[BoundStep]) -> None:
         for op in step.chain:

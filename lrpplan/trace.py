@@ -74,7 +74,7 @@ class Tracer:
             slot = len(self.rel_slot)
             self.rel_slot[edge] = slot
             self.ex.rel.append(None)
-            self.ex.rel_sum.append(0.0)
+            self.ex.rel_sum.append([])
         return slot
 
     # -- structure ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..errors import LRPError
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
 from .softmax import softmax_relevance
 
 _SDPA_TYPES = [
@@ -91,7 +91,7 @@ class SDPARule(Rule):
         send_q, send_k, send_v = p["send"][:3]
         q, k, v, u, x, s, float_mask, groups, scale = attention_parts(node, r.dtype)
         o = s @ v
-        so = r / stabilize(o, eps)
+        so = stable_div(r, o, eps)
         both_av = send_v and (send_q or send_k)
         share = 0.5 if both_av else 1.0
         out = [None] * len(p["send"])
@@ -103,11 +103,11 @@ class SDPARule(Rule):
         r_x = softmax_relevance(torch.where(s > 0, x, torch.zeros((), dtype=x.dtype)), s, r_s, -1)
         if float_mask is not None:  # z-rule on u + mask where the mask adds something
             zero = torch.zeros((), dtype=x.dtype)
-            r_u = torch.where((s > 0) & (float_mask != 0), u * r_x / stabilize(x, eps),
+            r_u = torch.where((s > 0) & (float_mask != 0), u * stable_div(r_x, x, eps),
                               torch.where(s > 0, r_x, zero))
         else:
             r_u = r_x
-        su = r_u / stabilize(u, eps)
+        su = stable_div(r_u, u, eps)
         share = 0.5 if (send_q and send_k) else 1.0
         if send_q:
             out[0] = share * q * ((su @ k) * scale)

@@ -179,7 +179,16 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention)."""
     if eps == 0.0:
         return z
-    return torch.where(z >= 0, z + eps, z - eps)
+    plus = torch.full((), eps, dtype=z.dtype, device=z.device)
+    return torch.where(z >= 0, plus, -plus).add_(z)
+
+
+def stable_div(r: Tensor, z: Tensor, eps: float) -> Tensor:
+    """``r / stabilize(z, eps)``, written into the one temporary ``stabilize`` allocates."""
+    d = stabilize(z, eps)
+    if d is not z and d.shape == r.shape and d.dtype == torch.result_type(r, d):
+        return torch.div(r, d, out=d)
+    return r / d
 
 
 def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import (Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize,
+from .base import (Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div,
                    sum_to)
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +130,10 @@ class ZRule(Rule):
         if len(share) <= 1:
             # a single known contribution carries all relevance: no values needed
             return Decision(values=(), send=send, params={"mode": "pass"}, assumption=assumption)
+        # the output, where a consumer saved it, is the denominator (no summing pass)
         return Decision(values=tuple(share), send=send,
-                        params={"mode": "z", "share": list(share)}, assumption=assumption)
+                        params={"mode": "z", "share": list(share), "reuse_output": True},
+                        assumption=assumption)
 
     def run(self, node, rel, vals, p):
         r = rel[0]
@@ -143,12 +145,13 @@ class ZRule(Rule):
                     out[i] = r  # broadcast operands are summed back by the executor (fit_shapes)
             return out
         coefs = _coefs(node, p["node_type"])
-        terms = {i: coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
+        terms = {i: as_rel(vals[i], r.dtype) if coefs[i] == 1.0 else
+                 coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
         z = as_rel(vals[-1], r.dtype) if vals[-1] is not None else None  # the true output
         if z is None:
             for t in terms.values():
                 z = t if z is None else z + t
-        s = r / stabilize(z, p["epsilon"])
+        s = stable_div(r, z, p["epsilon"])
         for i, t in terms.items():
             if send[i]:
                 out[i] = sum_to(t * s, t.shape)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
 
 T = torch.Tensor
 
@@ -134,7 +134,7 @@ def _neg(t: T) -> T:
 
 def _variant_epsilon(run, x, w, b, r, p):
     z = run.fwd(x, w, b)
-    return x * run.vjp(r / stabilize(z, p["epsilon"]), x, w)
+    return x * run.vjp(stable_div(r, z, p["epsilon"]), x, w)
 
 
 def _variant_gamma(run, x, w, b, r, p):
@@ -151,8 +151,8 @@ def _variant_gamma(run, x, w, b, r, p):
     z = run.fwd(x, w, b)
     z_up = run.fwd(xp, w_up, b_up) + run.fwd(xn, w_dn, None)
     z_dn = run.fwd(xp, w_dn, b_dn) + run.fwd(xn, w_up, None)
-    s_up = (z > 0).to(r.dtype) * r / stabilize(z_up, eps)
-    s_dn = (z < 0).to(r.dtype) * r / stabilize(z_dn, eps)
+    s_up = (z > 0).to(r.dtype) * stable_div(r, z_up, eps)
+    s_dn = (z < 0).to(r.dtype) * stable_div(r, z_dn, eps)
     return (xp * run.vjp(s_up, x, w_up) + xn * run.vjp(s_up, x, w_dn)
             + xp * run.vjp(s_dn, x, w_dn) + xn * run.vjp(s_dn, x, w_up))
 
@@ -164,7 +164,7 @@ def _signed_parts(run, x, w, b, r, eps, positive: bool = True):
     wa, wb = (_pos(w), _neg(w)) if positive else (_neg(w), _pos(w))
     bb = None if b is None else (_pos(b) if positive else _neg(b))
     z = run.fwd(xp, wa, bb) + run.fwd(xn, wb, None)
-    s = r / stabilize(z, eps)
+    s = stable_div(r, z, eps)
     return xp * run.vjp(s, x, wa) + xn * run.vjp(s, x, wb)
 
 
@@ -182,13 +182,13 @@ def _variant_alphabeta(run, x, w, b, r, p):
 def _variant_flat(run, x, w, b, r, p):
     ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
     z = run.fwd(ones_x, ones_w, None)
-    return run.vjp(r / stabilize(z, p["epsilon"]), ones_x, ones_w)
+    return run.vjp(stable_div(r, z, p["epsilon"]), ones_x, ones_w)
 
 
 def _variant_wsquare(run, x, w, b, r, p):
     ones_x, w2 = torch.ones_like(x), w * w
     z = run.fwd(ones_x, w2, None if b is None else b * b)  # Zennit squares the bias too
-    return run.vjp(r / stabilize(z, p["epsilon"]), ones_x, w2)
+    return run.vjp(stable_div(r, z, p["epsilon"]), ones_x, w2)
 
 
 def _bound(value, x: T) -> T:
@@ -205,7 +205,7 @@ def _variant_zbox(run, x, w, b, r, p):
     bp = None if b is None else _pos(b)
     bn = None if b is None else _neg(b)
     z = run.fwd(x, w, b) - run.fwd(low, wp, bp) - run.fwd(high, wn, bn)
-    s = r / stabilize(z, p["epsilon"])
+    s = stable_div(r, z, p["epsilon"])
     return x * run.vjp(s, x, w) - low * run.vjp(s, low, wp) - high * run.vjp(s, high, wn)
 
 
@@ -297,7 +297,7 @@ class LinearRule(Rule):
         z_saved = vals[-1]  # the forward output, when a consumer saved it
         if mode == "bilinear":
             z = as_rel(z_saved, r.dtype) if z_saved is not None else spec.fwd(node, a, b, bias)
-            s = r / stabilize(z, p["epsilon"])
+            s = stable_div(r, z, p["epsilon"])
             out[spec.a] = 0.5 * a * spec.vjp_a(node, s, a, b)
             out[spec.b] = 0.5 * b * spec.vjp_b(node, s, a, b)
             return out
@@ -305,7 +305,7 @@ class LinearRule(Rule):
         run = _Oriented(spec, node, x_is_a)
         x, w = (a, b) if x_is_a else (b, a)
         if p["variant"] == "epsilon" and z_saved is not None:
-            y = x * run.vjp(r / stabilize(as_rel(z_saved, r.dtype), p["epsilon"]), x, w)
+            y = x * run.vjp(stable_div(r, as_rel(z_saved, r.dtype), p["epsilon"]), x, w)
         else:
             y = VARIANTS[p["variant"]](run, x, w, bias, r, p)
         out[spec.a if x_is_a else spec.b] = y

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
 
 
 def _layer_norm_parts(n, dtype):
@@ -52,7 +52,7 @@ class CentredNorm(Rule):
         y = (x - mean) * scale
         if b is not None:
             y = y + b
-        c = scale * (r / stabilize(y, p["epsilon"]))
+        c = scale * stable_div(r, y, p["epsilon"])
         dims = tuple(range(-k, 0))
         out = [None] * len(p["send"])
         out[0] = x * (c - c.mean(dims, keepdim=True))
@@ -74,7 +74,7 @@ def _group_norm_rel(n, r, vals, eps):
     bias = vals[2] if len(vals) > 2 else None
     if bias is not None:
         y = y + as_rel(bias, r.dtype).reshape(bshape)
-    c = (wc * (r / stabilize(y, eps))).reshape(N, G, -1) * rstd
+    c = (wc * stable_div(r, y, eps)).reshape(N, G, -1) * rstd
     return (xg * (c - c.mean(-1, keepdim=True))).reshape(shape)
 
 
@@ -132,7 +132,7 @@ class AffineNorm(Rule):
         if len(vals) > 2 and vals[2] is not None:
             y = y + as_rel(vals[2], r.dtype).reshape(shape)
         out = [None] * len(p["send"])
-        out[0] = ax * (r / stabilize(y, p["epsilon"]))
+        out[0] = ax * stable_div(r, y, p["epsilon"])
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stabilize
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
 from .routing import _dim, out_shape
 
 
@@ -28,7 +28,7 @@ class LinearMap(Rule):
         r = rel[0]
         x = vals[0]
         z = p["forward"](node, [x])[0]
-        s = r / stabilize(as_rel(z, r.dtype), p["epsilon"])
+        s = stable_div(r, as_rel(z, r.dtype), p["epsilon"])
         g = node(s.to(x.dtype) if x.dtype != s.dtype and x.dtype in (torch.float16, torch.bfloat16)
                  else s)
         g = g[0] if isinstance(g, tuple) else g
@@ -138,7 +138,7 @@ class ShareRule(Rule):
         if not keep and r.dim() < x.dim():
             for d in sorted(d % x.dim() for d in dims):
                 r = r.unsqueeze(d)
-        return [c * (r / stabilize(total, p["epsilon"]))] + [None] * (len(p["send"]) - 1)
+        return [c * stable_div(r, total, p["epsilon"])] + [None] * (len(p["send"]) - 1)
 
 
 def _vector_norm(n, v):
