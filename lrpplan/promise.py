@@ -325,7 +325,7 @@ class ValueResolver:
                     stack.extend(todo)
                     continue
                 slot = self.new_slot()
-                self._emit(ValueOp("sub", rec[1], "", (self.slots[rec[2]], self.slots[rec[3]]),
+                self.emit(ValueOp("sub", rec[1], "", (self.slots[rec[2]], self.slots[rec[3]]),
                                    (slot,)), chain)
                 self.slots[e] = slot
                 stack.pop()
@@ -337,14 +337,14 @@ class ValueResolver:
                     stack.append(child)
                     continue
                 slot = self.new_slot()
-                self._emit(ValueOp("reshape", rec[1], "", (self.slots[child],), (slot,)), chain)
+                self.emit(ValueOp("reshape", rec[1], "", (self.slots[child],), (slot,)), chain)
                 self.slots[e] = slot
                 stack.pop()
                 continue
             if kind in ("leaf", "saved", "base"):
                 slot = self.new_slot()
                 op = ValueOp(kind, rec[1], rec[2] if kind != "leaf" else "", (), (slot,))
-                self._emit(op, chain)
+                self.emit(op, chain)
                 self.slots[e] = slot
                 if branch is not None:
                     branch.arg_nodes.append(rec[1])
@@ -374,7 +374,7 @@ class ValueResolver:
                     in_slots.append(-1)
                 elif len(src) == 3:  # the node's own saved input
                     slot = self.new_slot()
-                    self._emit(ValueOp("saved", pid, src[2], (), (slot,)), chain)
+                    self.emit(ValueOp("saved", pid, src[2], (), (slot,)), chain)
                     in_slots.append(slot)
                 else:
                     in_slots.append(self.slots[src])
@@ -382,7 +382,7 @@ class ValueResolver:
                 self.assumptions.append(f"{self.graph.types[pid]} #{pid}: {_LOSSY_FORWARD[self.graph.types[pid]]}")
             n_out = self._n_outputs(pid)
             outs = tuple(self.new_slot() for _ in range(n_out))
-            self._emit(ValueOp("fwd", pid, "", tuple(in_slots), outs), chain)
+            self.emit(ValueOp("fwd", pid, "", tuple(in_slots), outs), chain)
             self.fwd_outs[pid] = outs
             child_depths = [self.depths.get(c, 0) for c in ins.values()
                             if isinstance(c, tuple) and len(c) == 2]
@@ -405,7 +405,8 @@ class ValueResolver:
     def _out_slot(self, pid: int, nr: int) -> int:
         return self.fwd_outs[pid][nr]
 
-    def _emit(self, op: ValueOp, chain: list[ValueOp]) -> None:
+    def emit(self, op: ValueOp, chain: list[ValueOp]) -> None:
+        """Run ``op`` now and append it to ``chain`` (the plan records what the trace ran)."""
         self.execute(op)
         chain.append(op)
 

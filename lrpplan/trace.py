@@ -21,6 +21,21 @@ from .replay import BoundStep, Executor
 from .rules.base import OPS, NodeInfo, get_rule
 
 
+#: linear-rule variants whose relevance for the activation is ``x ⊙ (finite factors)``
+_X_PROPORTIONAL_VARIANTS = frozenset({"epsilon", "gamma", "zplus", "alphabeta"})
+
+
+def _proportional(step: Step) -> bool:
+    """The step's relevance for each input is that input's value times finite factors, so it is
+    exactly zero wherever the value is zero."""
+    p = step.params
+    if step.rule == "linear":
+        return p.get("mode") == "bilinear" or p.get("variant") in _X_PROPORTIONAL_VARIANTS
+    if step.rule == "add":
+        return p.get("mode") == "z"
+    return step.rule == "softmax"
+
+
 _UNSUPPORTED_HINTS = {
     "CheckpointFunctionBackward": "Reentrant activation checkpointing hides a whole block in one "
     "node; explain with checkpointing off or with torch.utils.checkpoint(use_reentrant=False).",
@@ -55,6 +70,9 @@ class Tracer:
         self.values = ValueResolver(graph, self._new_val, self._exec_value)
         self.steps: list[Step] = []
         self.promises: list[Promise] = []
+        #: edge -> every relevance deposited on it is zero wherever the edge's value is zero
+        #: (structural; roots are never assumed to be: a caller's seed can be anything)
+        self.zero_where_zero: dict[Edge, bool] = {r: False for r in graph.roots}
         self.assumptions: list[str] = []
         self._live = self._liveness()
 
@@ -235,10 +253,18 @@ class Tracer:
         if decision.params.get("reuse_output") and n_out == 1:
             # the forward output a consumer already saved: no recomputation at run time
             held = None if (n, 0) in self.values.slots else self.values.direct((n, 0))
+            relu = self._relu_stand_in(n) if held is None else None
             if held is not None or (n, 0) in self.values.slots:
                 if held is not None:  # never a forward replay recipe memoised earlier
                     self.values.recipes[(n, 0)] = held
                 vals.append((len(edges), self.values.materialize((n, 0), chain)))
+            elif relu is not None:
+                # relu(z) for z: the two differ only where relu(z) = 0, and there the relevance
+                # arriving is exactly 0 (every consumer's rule is x-proportional), so the rule
+                # divides 0 by a nonzero number either way; no recomputation of z
+                slot = self._new_val()
+                self.values.emit(ValueOp("saved", relu, "_saved_result", (), (slot,)), chain)
+                vals.append((len(edges), slot))
         rel_out = tuple(self._slot(e) if (send and self.edge_live(e)) else -1
                         for e, send in zip(edges, decision.send))
         merged = dict(params)
@@ -248,9 +274,32 @@ class Tracer:
         step = Step("rule", n, rule_name, tuple(rel_in), rel_out, tuple(vals), merged,
                     tuple(chain))
         self.ex.rule(BoundStep(step))
+        self._note_zeros(step, edges)
         if promise is not None:
             self.promises.append(promise)
         return step, promise
+
+    def _note_zeros(self, step: Step, edges: Sequence[Optional[Edge]]) -> None:
+        """Record, per input edge, whether this step's relevance is zero where its value is."""
+        ok = _proportional(step) or (step.rule == "route" and all(
+            self.zero_where_zero.get((step.node, nr), False)
+            for nr, slot in enumerate(step.rel_in) if slot >= 0))
+        for e, slot in zip(edges, step.rel_out):
+            if slot >= 0 and e is not None:
+                self.zero_where_zero[e] = self.zero_where_zero.get(e, True) and ok
+
+    def _relu_stand_in(self, n: int) -> Optional[int]:
+        """The id of the ReLU that alone consumes node ``n``'s output, saved its result and
+        receives relevance that is zero wherever that result is; else None."""
+        cons = [(c, pos) for c, pos in self.g.consumers(n) if self.g.edges[c][pos] == (n, 0)]
+        if len(cons) != 1 or self.g.types[cons[0][0]] != "ReluBackward0":
+            return None
+        relu = cons[0][0]
+        if not self.zero_where_zero.get((relu, 0), False):
+            return None
+        if read_saved(self.g.nodes[relu], "_saved_result") is None:
+            return None
+        return relu
 
     def _below_routing(self, e: Optional[Edge]) -> Optional[Edge]:
         """Follow ``e`` down through routing/identity nodes with one live input."""

@@ -132,12 +132,13 @@ def _neg(t: T) -> T:
     return t.clamp(max=0)
 
 
-def _variant_epsilon(run, x, w, b, r, p):
-    z = run.fwd(x, w, b)
-    return x * run.vjp(stable_div(r, z, p["epsilon"]), x, w)
+def _variant_epsilon(run, x, w, b, r, p, z=None):
+    z = run.fwd(x, w, b) if z is None else z
+    g = run.vjp(stable_div(r, z, p["epsilon"]), x, w)
+    return g.mul_(x) if g.shape == x.shape else x * g  # the VJP is a fresh tensor
 
 
-def _variant_gamma(run, x, w, b, r, p):
+def _variant_gamma(run, x, w, b, r, p, z=None):
     """Generalised γ-rule (Zennit's ``Gamma``): the branch follows the sign of the output.
 
     z > 0: contributions x⁺(w + γw⁺) + (b + γb⁺) and x⁻(w + γw⁻); z < 0: x⁺(w + γw⁻) + (b + γb⁻)
@@ -148,7 +149,7 @@ def _variant_gamma(run, x, w, b, r, p):
     w_up, w_dn = w + g * _pos(w), w + g * _neg(w)
     b_up = None if b is None else b + g * _pos(b)
     b_dn = None if b is None else b + g * _neg(b)
-    z = run.fwd(x, w, b)
+    z = run.fwd(x, w, b) if z is None else z
     z_up = run.fwd(xp, w_up, b_up) + run.fwd(xn, w_dn, None)
     z_dn = run.fwd(xp, w_dn, b_dn) + run.fwd(xn, w_up, None)
     s_up = (z > 0).to(r.dtype) * stable_div(r, z_up, eps)
@@ -168,24 +169,24 @@ def _signed_parts(run, x, w, b, r, eps, positive: bool = True):
     return xp * run.vjp(s, x, wa) + xn * run.vjp(s, x, wb)
 
 
-def _variant_zplus(run, x, w, b, r, p):
+def _variant_zplus(run, x, w, b, r, p, z=None):
     return _signed_parts(run, x, w, b, r, p["epsilon"])
 
 
-def _variant_alphabeta(run, x, w, b, r, p):
+def _variant_alphabeta(run, x, w, b, r, p, z=None):
     out = p["alpha"] * _signed_parts(run, x, w, b, r, p["epsilon"])
     if p["beta"]:
         out = out - p["beta"] * _signed_parts(run, x, w, b, r, p["epsilon"], positive=False)
     return out
 
 
-def _variant_flat(run, x, w, b, r, p):
+def _variant_flat(run, x, w, b, r, p, z=None):
     ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
     z = run.fwd(ones_x, ones_w, None)
     return run.vjp(stable_div(r, z, p["epsilon"]), ones_x, ones_w)
 
 
-def _variant_wsquare(run, x, w, b, r, p):
+def _variant_wsquare(run, x, w, b, r, p, z=None):
     ones_x, w2 = torch.ones_like(x), w * w
     z = run.fwd(ones_x, w2, None if b is None else b * b)  # Zennit squares the bias too
     return run.vjp(stable_div(r, z, p["epsilon"]), ones_x, w2)
@@ -199,12 +200,12 @@ def _bound(value, x: T) -> T:
     return torch.full_like(x, value)
 
 
-def _variant_zbox(run, x, w, b, r, p):
+def _variant_zbox(run, x, w, b, r, p, z=None):
     low, high = _bound(p["low"], x), _bound(p["high"], x)
     wp, wn = _pos(w), _neg(w)
     bp = None if b is None else _pos(b)
     bn = None if b is None else _neg(b)
-    z = run.fwd(x, w, b) - run.fwd(low, wp, bp) - run.fwd(high, wn, bn)
+    z = (run.fwd(x, w, b) if z is None else z) - run.fwd(low, wp, bp) - run.fwd(high, wn, bn)
     s = stable_div(r, z, p["epsilon"])
     return x * run.vjp(s, x, w) - low * run.vjp(s, low, wp) - high * run.vjp(s, high, wn)
 
@@ -304,9 +305,7 @@ class LinearRule(Rule):
         x_is_a = mode == "a"
         run = _Oriented(spec, node, x_is_a)
         x, w = (a, b) if x_is_a else (b, a)
-        if p["variant"] == "epsilon" and z_saved is not None:
-            y = x * run.vjp(stable_div(r, as_rel(z_saved, r.dtype), p["epsilon"]), x, w)
-        else:
-            y = VARIANTS[p["variant"]](run, x, w, bias, r, p)
+        z = as_rel(z_saved, r.dtype) if z_saved is not None else None
+        y = VARIANTS[p["variant"]](run, x, w, bias, r, p, z)
         out[spec.a if x_is_a else spec.b] = y
         return out
