@@ -179,8 +179,9 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention)."""
     if eps == 0.0:
         return z
-    plus = torch.full((), eps, dtype=z.dtype, device=z.device)
-    return torch.where(z >= 0, plus, -plus).add_(z)
+    # sign(z) + 0.5 has the sign of z with sign(±0) = +1; five vectorised passes are several
+    # times faster than torch.where on CPU and give the same bits
+    return torch.sign(z).add_(0.5).sign_().mul_(eps).add_(z)
 
 
 def stable_div(r: Tensor, z: Tensor, eps: float) -> Tensor:

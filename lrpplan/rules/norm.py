@@ -121,18 +121,20 @@ class AffineNorm(Rule):
     def decide(self, info: NodeInfo) -> Decision:
         send = (info.live_inputs[0],) + (False,) * (info.n_inputs - 1)
         values = (2,) if info.n_inputs > 2 and not info.none_inputs[2] else ()
-        return Decision(values=values, send=send)
+        return Decision(values=values, send=send, params={"reuse_output": True})
 
     def run(self, node, rel, vals, p):
         r = rel[0]
         x = as_rel(node._saved_input, r.dtype)
         a, mean, shape = _bn_affine(node, r.dtype)
         ax = a * x
-        y = ax - a * mean
-        if len(vals) > 2 and vals[2] is not None:
-            y = y + as_rel(vals[2], r.dtype).reshape(shape)
+        y = vals[-1]  # the output where the graph holds it
+        if y is None:
+            y = ax - a * mean
+            if len(vals) > 2 and vals[2] is not None:
+                y = y + as_rel(vals[2], r.dtype).reshape(shape)
         out = [None] * len(p["send"])
-        out[0] = ax * stable_div(r, y, p["epsilon"])
+        out[0] = ax.mul_(stable_div(r, as_rel(y, r.dtype), p["epsilon"]))
         return out
 
 
