@@ -133,8 +133,16 @@ def _neg(t: T) -> T:
 
 
 def _variant_epsilon(run, x, w, b, r, p, z=None):
+    return _epsilon(run, x, w, b, [r], p, z)
+
+
+def _epsilon(run, x, w, b, rel: list, p, z=None):
+    """ε-rule taking the relevance out of ``rel``: it is freed before the VJP (peak memory)."""
     z = run.fwd(x, w, b) if z is None else z
-    g = run.vjp(stable_div(r, z, p["epsilon"]), x, w)
+    s = stable_div(rel[0], z, p["epsilon"])
+    rel[0] = z = None
+    g = run.vjp(s, x, w)
+    del s
     return g.mul_(x) if g.shape == x.shape else x * g  # the VJP is a fresh tensor
 
 
@@ -306,6 +314,10 @@ class LinearRule(Rule):
         run = _Oriented(spec, node, x_is_a)
         x, w = (a, b) if x_is_a else (b, a)
         z = as_rel(z_saved, r.dtype) if z_saved is not None else None
-        y = VARIANTS[p["variant"]](run, x, w, bias, r, p, z)
+        if p["variant"] == "epsilon":
+            del r  # the executor's list holds the only other reference: _epsilon drops it
+            y = _epsilon(run, x, w, bias, rel, p, z)
+        else:
+            y = VARIANTS[p["variant"]](run, x, w, bias, r, p, z)
         out[spec.a if x_is_a else spec.b] = y
         return out
