@@ -6,6 +6,7 @@ step as it records it.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Sequence
 
 import torch
@@ -106,20 +107,24 @@ class Executor:
 
     # -- relevance ----------------------------------------------------------------------------
 
-    def deposit(self, slot: int, t: torch.Tensor, t_sum: Any = None) -> None:
-        """Aggregate relevance arriving on an edge (input aggregation, paper App. E)."""
+    def deposit(self, slot: int, t: torch.Tensor, sums: Optional[list] = None) -> None:
+        """Aggregate relevance arriving on an edge (input aggregation, paper App. E);
+        ``sums``: 0-d tensors adding up to ``t.sum()`` when the caller has them."""
         cur = self.rel[slot]
         self.rel[slot] = t if cur is None else cur + t
-        self.rel_sum[slot].append(t.sum() if t_sum is None else t_sum)
+        self.rel_sum[slot] += [t.sum()] if sums is None else sums
 
     def rule(self, b: BoundStep) -> None:
         s = b.step
         node = self.nodes[s.node]
         rel = []
         in_sums: list[torch.Tensor] = []
+        # relevance tensors passed on unchanged keep their sums (weak: a rule may free them)
+        passed: list[tuple[weakref.ref, list[torch.Tensor]]] = []
         for slot in s.rel_in:
             if slot >= 0:
                 rel.append(self.rel[slot])
+                passed.append((weakref.ref(self.rel[slot]), self.rel_sum[slot]))
                 in_sums += self.rel_sum[slot]
                 self.rel[slot] = None  # each edge slot is read once, by its producer
                 self.rel_sum[slot] = []
@@ -141,9 +146,11 @@ class Executor:
             if b.fit:
                 pid, nr = edges[pos]
                 t = sum_to(t, self.nodes[pid]._input_metadata[nr].shape)
-            ts = t.sum()
-            out_sums.append(ts)
-            self.deposit(slot, t, ts)
+            sums = next((list(known) for ref, known in passed if ref() is t), None)
+            if sums is None:
+                sums = [t.sum()]
+            out_sums += sums
+            self.deposit(slot, t, sums)
         self.ledger_rows.append((s.node, in_sums, out_sums))
 
     def fused(self, step: Step, body: list[BoundStep]) -> None:

@@ -228,6 +228,7 @@ class Tracer:
             self.assumptions.append(f"#{n} {decision.assumption}")
         chain: list[ValueOp] = []
         vals = []
+        nonneg_output = False  # the node's output value given is a ReLU's result (≥ 0)
         promise: Optional[Promise] = None
         for pos in decision.values:
             own = self._own(spec, node, pos)
@@ -265,11 +266,14 @@ class Tracer:
                 slot = self._new_val()
                 self.values.emit(ValueOp("saved", relu, "_saved_result", (), (slot,)), chain)
                 vals.append((len(edges), slot))
+                nonneg_output = True
         rel_out = tuple(self._slot(e) if (send and self.edge_live(e)) else -1
                         for e, send in zip(edges, decision.send))
         merged = dict(params)
         merged.update(decision.params)
         merged["send"] = [s >= 0 for s in rel_out]
+        if nonneg_output:
+            merged["output_nonneg"] = True
         merged["node_type"] = ntype
         step = Step("rule", n, rule_name, tuple(rel_in), rel_out, tuple(vals), merged,
                     tuple(chain))

@@ -184,9 +184,12 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     return torch.sign(z).add_(0.5).sign_().mul_(eps).add_(z)
 
 
-def stable_div(r: Tensor, z: Tensor, eps: float) -> Tensor:
-    """``r / stabilize(z, eps)``, written into the one temporary ``stabilize`` allocates."""
-    d = stabilize(z, eps)
+def stable_div(r: Tensor, z: Tensor, eps: float, nonneg: bool = False) -> Tensor:
+    """``r / stabilize(z, eps)``, written into the one temporary ``stabilize`` allocates.
+
+    ``nonneg``: ``z`` is known to be ≥ 0 (a ReLU's result), so ``stabilize`` is ``z + eps``.
+    """
+    d = (z + eps if eps else z) if nonneg else stabilize(z, eps)
     if d is not z and d.shape == r.shape and d.dtype == torch.result_type(r, d):
         return torch.div(r, d, out=d)
     return r / d

@@ -148,10 +148,11 @@ class ZRule(Rule):
         terms = {i: as_rel(vals[i], r.dtype) if coefs[i] == 1.0 else
                  coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
         z = as_rel(vals[-1], r.dtype) if vals[-1] is not None else None  # the true output
+        nonneg = z is not None and p.get("output_nonneg", False)
         if z is None:
             for t in terms.values():
                 z = t if z is None else z + t
-        s = stable_div(r, z, p["epsilon"])
+        s = stable_div(r, z, p["epsilon"], nonneg)
         for i, t in terms.items():
             if send[i]:
                 out[i] = sum_to(t * s, t.shape)

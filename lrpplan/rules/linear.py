@@ -138,8 +138,9 @@ def _variant_epsilon(run, x, w, b, r, p, z=None):
 
 def _epsilon(run, x, w, b, rel: list, p, z=None):
     """ε-rule taking the relevance out of ``rel``: it is freed before the VJP (peak memory)."""
+    nonneg = z is not None and p.get("output_nonneg", False)
     z = run.fwd(x, w, b) if z is None else z
-    s = stable_div(rel[0], z, p["epsilon"])
+    s = stable_div(rel[0], z, p["epsilon"], nonneg)
     rel[0] = z = None
     g = run.vjp(s, x, w)
     del s
@@ -306,7 +307,7 @@ class LinearRule(Rule):
         z_saved = vals[-1]  # the forward output, when a consumer saved it
         if mode == "bilinear":
             z = as_rel(z_saved, r.dtype) if z_saved is not None else spec.fwd(node, a, b, bias)
-            s = stable_div(r, z, p["epsilon"])
+            s = stable_div(r, z, p["epsilon"], z_saved is not None and p.get("output_nonneg", False))
             out[spec.a] = 0.5 * a * spec.vjp_a(node, s, a, b)
             out[spec.b] = 0.5 * b * spec.vjp_b(node, s, a, b)
             return out

@@ -129,12 +129,13 @@ class AffineNorm(Rule):
         a, mean, shape = _bn_affine(node, r.dtype)
         ax = a * x
         y = vals[-1]  # the output where the graph holds it
+        nonneg = y is not None and p.get("output_nonneg", False)
         if y is None:
             y = ax - a * mean
             if len(vals) > 2 and vals[2] is not None:
                 y = y + as_rel(vals[2], r.dtype).reshape(shape)
         out = [None] * len(p["send"])
-        out[0] = ax.mul_(stable_div(r, as_rel(y, r.dtype), p["epsilon"]))
+        out[0] = ax.mul_(stable_div(r, as_rel(y, r.dtype), p["epsilon"], nonneg))
         return out
 
 
