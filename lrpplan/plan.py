@@ -4,8 +4,9 @@ A plan is a straight-line program over integer node ids (positions in the canoni
 :mod:`lrpplan.graph`), relevance slots and value slots:
 
 ``ValueOp``  recovers a forward value: ``leaf`` (a leaf's variable), ``saved`` (a ``_saved_*``
-             attribute of some node), ``base`` (the ``_base`` of a saved view), ``reshape``
-             (a value slot reshaped to the saved input sizes of a view node), ``sub`` (an
+             attribute of some node), ``base`` (the ``_base`` of a saved view), ``unview``
+             (a view or copy node's input from its output value: reshape, transpose, permute,
+             squeeze...), ``sub`` (an
              operand of an addition: its output minus the other operand) or ``fwd`` (re-run a
              node's forward op: one link of a Promise's forward chain).
 ``Step``     ``rule``    apply a node's rule: read relevance slots ``rel_in`` (one per forward output),
@@ -29,7 +30,7 @@ from .errors import PlanError
 
 SCHEMA_VERSION = 1
 STEP_KINDS = ("rule", "fused", "collect")
-VALUE_KINDS = ("leaf", "saved", "base", "reshape", "sub", "fwd")
+VALUE_KINDS = ("leaf", "saved", "base", "unview", "sub", "fwd")
 MAGIC = "lrpplan-plan"
 
 ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attribute
@@ -39,10 +40,10 @@ ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attr
 class ValueOp:
     """Recover one or more forward values into value slots."""
 
-    kind: str                  # "leaf" | "saved" | "base" | "reshape" | "sub" | "fwd"
+    kind: str                  # "leaf" | "saved" | "base" | "unview" | "sub" | "fwd"
     node: int
     attr: str = ""             # for "saved" and "base"
-    ins: tuple[int, ...] = ()  # "fwd": value slot per input position (-1: none); "reshape": one
+    ins: tuple[int, ...] = ()  # "fwd": value slot per input position (-1: none); "unview": one
     outs: tuple[int, ...] = ()  # value slot per forward output (-1: unused)
 
     def format(self) -> str:
@@ -50,8 +51,8 @@ class ValueOp:
             return f"v{list(self.outs)} = fwd(#{self.node})({list(self.ins)})"
         if self.kind == "sub":
             return f"v{self.outs[0]} = v{self.ins[0]} - v{self.ins[1]}  (#{self.node})"
-        if self.kind == "reshape":
-            return f"v{self.outs[0]} = v{self.ins[0]}.reshape(#{self.node}._saved_self_sym_sizes)"
+        if self.kind == "unview":
+            return f"v{self.outs[0]} = inverse(#{self.node})(v{self.ins[0]})"
         what = {"leaf": "variable", "base": f"{self.attr}._base"}.get(self.kind, self.attr)
         return f"v{self.outs[0]} = #{self.node}.{what}"
 

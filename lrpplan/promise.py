@@ -47,9 +47,40 @@ _VIEW_OPS = frozenset({
     "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "AliasBackward0",
     "AsStridedBackward0", "DiagonalBackward0", "NarrowBackward0", "UnfoldBackward0",
 })
-#: reshapes whose input shape is saved as ``_saved_self_sym_sizes``: the input value is the
-#: output value reshaped back (``UnsafeView`` outputs are fresh tensors, not views)
-_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+def _signed(d: int) -> int:
+    """Saved dims come back as unsigned 64-bit for negatives."""
+    return d - (1 << 64) if d >= (1 << 63) else d
+
+
+def _reshape_back(n: Any, t: Any) -> Any:
+    return t.reshape(n._saved_self_sym_sizes)
+
+
+def _unpermute(n: Any, t: Any) -> Any:
+    dims = [_signed(d) % t.dim() for d in n._saved_dims]
+    inverse = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inverse[d] = i
+    return t.permute(inverse)
+
+
+#: single-input ops whose input value follows from their output value: type -> inverse
+#: (``UnsafeView`` and ``Clone`` outputs are fresh tensors, so ``base`` cannot see through them)
+INVERSES: dict[str, Callable[[Any, Any], Any]] = {
+    "ViewBackward0": _reshape_back,
+    "UnsafeViewBackward0": _reshape_back,
+    "ReshapeAliasBackward0": _reshape_back,
+    "SqueezeBackward0": _reshape_back,
+    "SqueezeBackward1": _reshape_back,
+    "SqueezeBackward2": _reshape_back,
+    "UnsqueezeBackward0": lambda n, t: t.squeeze(_signed(n._saved_dim)),
+    "TransposeBackward0": lambda n, t: t.transpose(_signed(n._saved_dim0),
+                                                   _signed(n._saved_dim1)),
+    "TBackward0": lambda n, t: t.t(),
+    "PermuteBackward0": _unpermute,
+    "CloneBackward0": lambda n, t: t,
+    "AliasBackward0": lambda n, t: t,
+}
 #: producers whose output may alias something else (never the start of a ``base`` lookup)
 _ALIASING = _VIEW_OPS | {"AccumulateGrad", "CopySlices"}
 
@@ -152,7 +183,7 @@ class ValueResolver:
 
         In order: a leaf's variable; the producer's saved output; a consumer's saved input;
         the ``_base`` of a view of the value that a consumer further down a chain of views
-        saved; the saved-or-viewed output of a reshape, reshaped back (``unview``).
+        saved; the held output of an invertible view or copy, inverted (``unview``).
         """
         g = self.graph
         pid, nr = edge
@@ -176,7 +207,7 @@ class ValueResolver:
             if found is not None:
                 return found
         for c, pos in g.consumers(pid):
-            if g.edges[c][pos] == edge and g.types[c] in _RESHAPES and (
+            if g.edges[c][pos] == edge and g.types[c] in INVERSES and (
                     (c, 0) in self.slots or self.direct((c, 0))):
                 return ("unview", c, (c, 0))
         return None
@@ -200,7 +231,8 @@ class ValueResolver:
                 continue
             out_meta = node._input_metadata[0]
             other_meta = g.nodes[other[0]]._input_metadata[other[1]]
-            if not (tuple(meta.shape) == tuple(out_meta.shape) == tuple(other_meta.shape)
+            # the other operand may broadcast (a bias); this one must have the output's shape
+            if not (tuple(meta.shape) == tuple(out_meta.shape)
                     and meta.dtype == out_meta.dtype == other_meta.dtype):
                 continue
             if self.direct((c, 0)) is not None and self.direct(other) is not None:
@@ -337,7 +369,7 @@ class ValueResolver:
                     stack.append(child)
                     continue
                 slot = self.new_slot()
-                self.emit(ValueOp("reshape", rec[1], "", (self.slots[child],), (slot,)), chain)
+                self.emit(ValueOp("unview", rec[1], "", (self.slots[child],), (slot,)), chain)
                 self.slots[e] = slot
                 stack.pop()
                 continue

@@ -14,7 +14,7 @@ import torch
 from .errors import LRPError, PlanError
 from .graph import Graph
 from .plan import Plan, Step, ValueOp
-from .promise import read_saved
+from .promise import INVERSES, read_saved
 from .rules.base import OPS, get_rule, sum_to
 
 
@@ -70,7 +70,7 @@ class Executor:
         #: (node, sums of the relevance it received, sums of the relevance it sent)
         self.ledger_rows: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
         self.value_ops = {"leaf": self.op_leaf, "saved": self.op_saved, "base": self.op_base,
-                          "reshape": self.op_reshape, "sub": self.op_sub, "fwd": self.op_fwd}
+                          "unview": self.op_unview, "sub": self.op_sub, "fwd": self.op_fwd}
 
     # -- value ops ----------------------------------------------------------------------------
 
@@ -89,9 +89,9 @@ class Executor:
             raise PlanError(f"#{op.node}.{op.attr} is no longer a view: stale plan")
         self.val[op.outs[0]] = base
 
-    def op_reshape(self, op: ValueOp) -> None:
-        self.val[op.outs[0]] = self.val[op.ins[0]].reshape(
-            self.nodes[op.node]._saved_self_sym_sizes)
+    def op_unview(self, op: ValueOp) -> None:
+        node = self.nodes[op.node]
+        self.val[op.outs[0]] = INVERSES[type(node).__name__](node, self.val[op.ins[0]])
 
     def op_sub(self, op: ValueOp) -> None:
         self.val[op.outs[0]] = self.val[op.ins[0]] - self.val[op.ins[1]]

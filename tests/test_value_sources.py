@@ -65,7 +65,7 @@ def node_types(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the _base of a saved view; a reshape's output reshaped back
+# the _base of a saved view; a view's input from its output
 
 
 class SquaredHeads(nn.Module):
@@ -115,7 +115,7 @@ def test_lm_head_output_from_the_selected_logits():
     model = TinyHead().double()
     h = torch.randn(2, 4, 5, dtype=torch.float64)
     attr = lrpplan.explain(model, h, cache=False)  # explains the last position
-    assert {"base", "reshape"} <= kinds(attr.plan)
+    assert {"base", "unview"} <= kinds(attr.plan)
     assert "fwd" not in kinds(attr.plan)
     with torch.no_grad():
         z = model(h)[:, -1]  # [2, 7]
