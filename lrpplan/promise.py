@@ -329,6 +329,11 @@ class ValueResolver:
                 stack.pop()
         return self.recipes[edge]
 
+    def release(self) -> None:
+        """Drop the callbacks: they point back at the tracer, a reference cycle that would keep
+        the autograd graph (every saved activation) alive until the cyclic GC runs."""
+        self.new_slot = self.execute = _released
+
     def recoverable(self, edge: Optional[Edge]) -> bool:
         return edge is not None and self.recipe(edge) is not None
 
@@ -444,3 +449,7 @@ class ValueResolver:
 
 
 ValSource = Union[int, str]
+
+
+def _released(*args: Any) -> Any:
+    raise RuntimeError("value resolver used after its trace finished")

@@ -69,13 +69,13 @@ class Executor:
         self.results: list[Optional[torch.Tensor]] = [None] * n_targets
         #: (node, sums of the relevance it received, sums of the relevance it sent)
         self.ledger_rows: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
-        self.value_ops = {"leaf": self.op_leaf, "saved": self.op_saved, "base": self.op_base,
-                          "unview": self.op_unview, "sub": self.op_sub, "fwd": self.op_fwd}
 
     # -- value ops ----------------------------------------------------------------------------
 
     def value_op(self, op: ValueOp) -> None:
-        self.value_ops[op.kind](op)
+        # a class-level table: bound methods stored on the instance would form a reference
+        # cycle that keeps the whole autograd graph alive until the cyclic GC runs
+        _VALUE_OPS[op.kind](self, op)
 
     def op_leaf(self, op: ValueOp) -> None:
         self.val[op.outs[0]] = self.nodes[op.node].variable
@@ -195,6 +195,10 @@ class Executor:
                 raise PlanError(
                     f"while executing plan step {i} ({step.format()}) on "
                     f"{self.graph.types[step.node]} #{step.node}: {exc}") from exc
+
+
+_VALUE_OPS = {"leaf": Executor.op_leaf, "saved": Executor.op_saved, "base": Executor.op_base,
+              "unview": Executor.op_unview, "sub": Executor.op_sub, "fwd": Executor.op_fwd}
 
 
 def replay(plan: Plan, graph: Graph, seeds: Sequence[tuple[int, torch.Tensor]],

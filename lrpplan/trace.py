@@ -177,6 +177,7 @@ class Tracer:
                         stack.append(e[0])
         self._close(fused)
         plan = self._finish(root_slots)
+        self.values.release()
         return plan, self.ex
 
     def _targets_at(self, n: int) -> list[tuple[Edge, int]]:

@@ -7,6 +7,9 @@ must not use it and the result must equal the closed form.
 """
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -269,3 +272,33 @@ def test_relu_stand_in_under_other_presets_equals_recomputation(preset, monkeypa
     monkeypatch.setattr(lrpplan.trace.Tracer, "_relu_stand_in", lambda self, n: None)
     slow = lrpplan.explain(model, x, rules=preset, cache=False)
     torch.testing.assert_close(fast.relevance, slow.relevance, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: nothing an explanation leaves behind keeps the autograd graph alive
+
+
+class SquareSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seen: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin(x)
+        self.seen.append(weakref.ref(z))  # the graph (MulBackward0) saves z, nothing else does
+        return (z * z).sum(-1, keepdim=True)
+
+
+def test_no_reference_cycle_keeps_the_graph_alive():
+    model = SquareSum()
+    explainer = lrpplan.Explainer(model, cache=False)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):  # a trace, then a replay
+            attr = explainer(torch.randn(3, 4))
+            del attr
+            assert model.seen[-1]() is None, "the autograd graph outlived the explanation"
+    finally:
+        gc.enable()
