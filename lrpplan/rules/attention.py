@@ -13,7 +13,6 @@ import torch
 
 from ..errors import LRPError
 from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
-from .softmax import softmax_relevance
 
 _SDPA_TYPES = [
     "ScaledDotProductFlashAttentionForCpuBackward0",
@@ -90,21 +89,26 @@ class SDPARule(Rule):
         eps = p["epsilon"]
         send_q, send_k, send_v = p["send"][:3]
         q, k, v, u, x, s, float_mask, groups, scale = attention_parts(node, r.dtype)
-        o = s @ v
-        so = stable_div(r, o, eps)
+        saved_o = _saved(node, "_saved_output")  # the real output (same dtype: no rounding)
+        o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else s @ v
         both_av = send_v and (send_q or send_k)
-        share = 0.5 if both_av else 1.0
+        # AV: uniform ε-rule; the ½ share is folded into r / o (exact: a power of two)
+        so = stable_div(r, o, eps)
+        if both_av:
+            so = so.mul_(0.5)
         out = [None] * len(p["send"])
         if send_v:
-            out[2] = _fold_groups(share * v * (s.transpose(-1, -2) @ so), groups)
+            out[2] = _fold_groups(v * (s.transpose(-1, -2) @ so), groups)
         if not (send_q or send_k):
             return out
-        r_s = share * s * (so @ v.transpose(-1, -2))
-        r_x = softmax_relevance(torch.where(s > 0, x, torch.zeros((), dtype=x.dtype)), s, r_s, -1)
-        if float_mask is not None:  # z-rule on u + mask where the mask adds something
-            zero = torch.zeros((), dtype=x.dtype)
-            r_u = torch.where((s > 0) & (float_mask != 0), u * stable_div(r_x, x, eps),
-                              torch.where(s > 0, r_x, zero))
+        r_s = (so @ v.transpose(-1, -2)).mul_(s)
+        # softmax rule on logits that are finite everywhere: where s = 0 (masked) r_s is 0, so
+        # x ⊙ (r_s − s Σ r_s) is 0 there without a select pass
+        mask_fin = None if float_mask is None else float_mask.nan_to_num(neginf=0.0)
+        x_fin = u if mask_fin is None else u + mask_fin
+        r_x = (r_s - s * r_s.sum(-1, keepdim=True)).mul_(x_fin)
+        if mask_fin is not None:  # z-rule on u + mask where the mask adds something finite
+            r_u = torch.where(mask_fin != 0, u * stable_div(r_x, x_fin, eps), r_x)
         else:
             r_u = r_x
         su = stable_div(r_u, u, eps)

@@ -175,6 +175,12 @@ def get_rule(name: str) -> Rule:
 # small tensor helpers shared by rules
 
 
+def own_output(vals: Sequence[MaybeTensor], p: Mapping[str, Any]) -> MaybeTensor:
+    """The node's forward output when the plan supplies it (the slot after the inputs')."""
+    n_inputs = len(p["send"])
+    return vals[n_inputs] if len(vals) > n_inputs else None
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention)."""
     if eps == 0.0:
@@ -190,7 +196,8 @@ def stable_div(r: Tensor, z: Tensor, eps: float, nonneg: bool = False) -> Tensor
     ``nonneg``: ``z`` is known to be ≥ 0 (a ReLU's result), so ``stabilize`` is ``z + eps``.
     """
     d = (z + eps if eps else z) if nonneg else stabilize(z, eps)
-    if d is not z and d.shape == r.shape and d.dtype == torch.result_type(r, d):
+    if d is not z and d.shape == r.shape and d.dtype == torch.result_type(r, d) \
+            and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad)):
         return torch.div(r, d, out=d)
     return r / d
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import (Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div,
+from .base import (Decision, NodeInfo, Rule, as_rel, register_op, register_rule, own_output, stable_div,
                    sum_to)
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +147,8 @@ class ZRule(Rule):
         coefs = _coefs(node, p["node_type"])
         terms = {i: as_rel(vals[i], r.dtype) if coefs[i] == 1.0 else
                  coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
-        z = as_rel(vals[-1], r.dtype) if vals[-1] is not None else None  # the true output
+        z = own_output(vals, p)  # the true output
+        z = as_rel(z, r.dtype) if z is not None else None
         nonneg = z is not None and p.get("output_nonneg", False)
         if z is None:
             for t in terms.values():

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, own_output, stable_div
 
 T = torch.Tensor
 
@@ -304,7 +304,7 @@ class LinearRule(Rule):
             bias = as_rel(vals[spec.bias], r.dtype)
         out = [None] * len(p["send"])
         mode = p["mode"]
-        z_saved = vals[-1]  # the forward output, when a consumer saved it
+        z_saved = own_output(vals, p)  # the forward output, when the graph holds it
         if mode == "bilinear":
             z = as_rel(z_saved, r.dtype) if z_saved is not None else spec.fwd(node, a, b, bias)
             s = stable_div(r, z, p["epsilon"], z_saved is not None and p.get("output_nonneg", False))

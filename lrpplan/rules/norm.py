@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, own_output, stable_div
 
 
 def _layer_norm_parts(n, dtype):
@@ -128,7 +128,7 @@ class AffineNorm(Rule):
         x = as_rel(node._saved_input, r.dtype)
         a, mean, shape = _bn_affine(node, r.dtype)
         ax = a * x
-        y = vals[-1]  # the output where the graph holds it
+        y = own_output(vals, p)  # the output where the graph holds it
         nonneg = y is not None and p.get("output_nonneg", False)
         if y is None:
             y = ax - a * mean
