@@ -36,6 +36,7 @@ Writes ``benchmarks/results/performance.json`` and prints a table of ratios.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -300,12 +301,21 @@ def bench(case: Case, batch: int, reps: int, device: torch.device, with_zennit: 
     row["all_ms"] = times
     del explanation, modes, model, x
     gc.collect()
+    _give_memory_back()
     if memory:
         row["peak_mib"] = _memory_in_subprocess(case.name, batch, device)
     return row
 
 
 MEMORY_MODES = ("gradient", "replay", "trace")
+
+
+def _give_memory_back() -> None:
+    """Return freed heap memory to the OS (glibc keeps it otherwise) before the next model."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 def _memory_in_subprocess(name: str, batch: int, device: torch.device) -> dict[str, float]:
@@ -346,8 +356,9 @@ def ratios(row: dict) -> dict[str, float]:
 def table(rows: list[dict]) -> str:
     """A Markdown table of the rows (the README shows this)."""
     head = ("| model | batch | nodes | gradient | replay | trace | trace/replay | fingerprint "
-            "| peak mem replay/grad | Zennit EGB / lrpplan EGB | Zennit EPF / lrpplan EPF |")
-    lines = [head, "|" + "---|" * 11]
+            "| peak mem replay/grad | Zennit EGB / replay | Zennit EGB / lrpplan EGB "
+            "| Zennit EPF / lrpplan EPF |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         q, ms = ratios(r), r["ms"]
 
@@ -359,7 +370,8 @@ def table(rows: list[dict]) -> str:
             f"| {ms['gradient']:.0f} ms | {ms['replay']:.0f} ms ({q['replay/gradient']:.2f}x) "
             f"| {ms['trace']:.0f} ms ({q['trace/gradient']:.2f}x) | {q['trace/replay']:.2f} "
             f"| {100 * q['fingerprint/replay']:.1f} % | {cell('memory replay/gradient')} "
-            f"| {cell('zennit-egb/replay-egb')} | {cell('zennit-epf/replay-epf')} |")
+            f"| {cell('zennit-egb/replay')} | {cell('zennit-egb/replay-egb')} "
+            f"| {cell('zennit-epf/replay-epf')} |")
     return "\n".join(lines)
 
 
@@ -387,7 +399,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                    help="print the Markdown table of earlier result files and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        docs = [json.loads(f.read_text()) for f in args.table]
+        for d in docs:
+            e = d["env"]
+            print(f"<!-- {e['machine']}, {e['threads']} threads, torch {e['torch']}"
+                  + (f", {e['card']}" if e.get("card") else "") + " -->")
+        print(table([r for d in docs for r in d["rows"]]))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

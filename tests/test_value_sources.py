@@ -302,3 +302,30 @@ def test_no_reference_cycle_keeps_the_graph_alive():
             assert model.seen[-1]() is None, "the autograd graph outlived the explanation"
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------------------------------
+# the SDPA rule works one sample and a few heads at a time
+
+
+def test_sdpa_relevance_is_the_same_in_chunks_of_one_head(monkeypatch):
+    from lrpplan.rules import attention
+    torch.manual_seed(9)
+    q = torch.randn(2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)  # grouped-query
+    v = torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    mask[..., 0, 1:] = float("-inf")
+
+    def run():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             enable_gqa=True)
+        assert "ScaledDotProduct" in type(o.grad_fn).__name__  # the fused node, not a decomposition
+        return lrpplan.attribute(o.sum(-1), (q, k, v), cache=False).relevance
+
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 1 << 30)
+    whole = run()
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 1)  # one head per chunk
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

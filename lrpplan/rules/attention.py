@@ -30,8 +30,9 @@ def _saved(node, *names):
     return None
 
 
-def attention_parts(node, dtype):
-    """Rebuild (q, k, v, u, x, s, float_mask, groups) from what the SDPA node saved."""
+def _operands(node, dtype):
+    """(q, k, v, mask, is_causal, groups, scale) from what the SDPA node saved; k and v are
+    repeated to q's heads for grouped-query attention."""
     q = as_rel(node._saved_query, dtype)
     k = as_rel(node._saved_key, dtype)
     v = as_rel(node._saved_value, dtype)
@@ -41,9 +42,14 @@ def attention_parts(node, dtype):
         v = v.repeat_interleave(groups, dim=-3)
     scale = _saved(node, "_saved_scale")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mask = _saved(node, "_saved_attn_mask", "_saved_attn_bias")
+    return q, k, v, mask, bool(_saved(node, "_saved_is_causal")), groups, scale
+
+
+def _scores(q, k, mask, causal, scale, dtype):
+    """(u, x, s, float_mask): scaled scores, masked logits, attention weights, float mask."""
     u = (q @ k.transpose(-1, -2)) * scale
     x = u
-    mask = _saved(node, "_saved_attn_mask", "_saved_attn_bias")
     float_mask = None
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -51,12 +57,48 @@ def attention_parts(node, dtype):
         else:  # torch saves a boolean mask as 0/-inf floats: only non-zero entries add anything
             float_mask = as_rel(mask, dtype)
             x = x + float_mask
-    if bool(_saved(node, "_saved_is_causal")):
+    if causal:
         L, S = u.shape[-2], u.shape[-1]
         keep = torch.ones(L, S, dtype=torch.bool, device=u.device).tril()
         x = x.masked_fill(~keep, float("-inf"))
-    s = torch.softmax(x, -1)
+    return u, x, torch.softmax(x, -1), float_mask
+
+
+def attention_parts(node, dtype):
+    """Rebuild (q, k, v, u, x, s, float_mask, groups, scale) from what the SDPA node saved."""
+    q, k, v, mask, causal, groups, scale = _operands(node, dtype)
+    u, x, s, float_mask = _scores(q, k, mask, causal, scale, dtype)
     return q, k, v, u, x, s, float_mask, groups, scale
+
+
+#: score elements per chunk: [L, S] work stays cache-sized at any batch size and head count
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(q, n_keys: int):
+    """Index tuples over q's leading dims (one sample, several heads at a time)."""
+    lead = q.shape[:-2]
+    if not lead:
+        return [()]
+    per_head = q.shape[-2] * n_keys
+    heads = lead[1] if len(lead) >= 2 else 1
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_head))
+    out = []
+    for i in range(lead[0]):
+        if len(lead) == 1:
+            out.append((slice(i, i + 1),))
+            continue
+        for h in range(0, heads, step):
+            out.append((slice(i, i + 1), slice(h, min(heads, h + step))))
+    return out
+
+
+def _mask_part(mask, idx, dim: int):
+    """The part of a broadcastable mask that goes with the chunk ``idx`` of a ``dim``-D q."""
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (dim - mask.dim()) + tuple(mask.shape))
+    return m[tuple(sl if m.shape[i] > 1 else slice(None) for i, sl in enumerate(idx))]
 
 
 def _fold_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -86,38 +128,58 @@ class SDPARule(Rule):
 
     def run(self, node, rel, vals, p):
         r = rel[0]
-        eps = p["epsilon"]
-        send_q, send_k, send_v = p["send"][:3]
-        q, k, v, u, x, s, float_mask, groups, scale = attention_parts(node, r.dtype)
+        send = p["send"][:3]
+        q, k, v, mask, causal, groups, scale = _operands(node, r.dtype)
         saved_o = _saved(node, "_saved_output")  # the real output (same dtype: no rounding)
-        o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else s @ v
-        both_av = send_v and (send_q or send_k)
-        # AV: uniform ε-rule; the ½ share is folded into r / o (exact: a power of two)
-        so = stable_div(r, o, eps)
-        if both_av:
-            so = so.mul_(0.5)
+        o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else None
+        full = [torch.zeros_like(t) if sent else None for t, sent in zip((q, k, v), send)]
+        # one sample and a few heads at a time: the [L, S] temporaries stay cache-sized
+        for idx in _chunks(q, k.shape[-2]):
+            parts = _attention_relevance(
+                q[idx], k[idx], v[idx], r[idx], None if o is None else o[idx],
+                _mask_part(mask, idx, q.dim()), causal, scale, p["epsilon"], send)
+            for dst, part in zip(full, parts):
+                if dst is not None:
+                    dst[idx] = part
         out = [None] * len(p["send"])
-        if send_v:
-            out[2] = _fold_groups(v * (s.transpose(-1, -2) @ so), groups)
-        if not (send_q or send_k):
-            return out
-        r_s = (so @ v.transpose(-1, -2)).mul_(s)
-        # softmax rule on logits that are finite everywhere: where s = 0 (masked) r_s is 0, so
-        # x ⊙ (r_s − s Σ r_s) is 0 there without a select pass
-        mask_fin = None if float_mask is None else float_mask.nan_to_num(neginf=0.0)
-        x_fin = u if mask_fin is None else u + mask_fin
-        r_x = (r_s - s * r_s.sum(-1, keepdim=True)).mul_(x_fin)
-        if mask_fin is not None:  # z-rule on u + mask where the mask adds something finite
-            r_u = torch.where(mask_fin != 0, u * stable_div(r_x, x_fin, eps), r_x)
-        else:
-            r_u = r_x
-        su = stable_div(r_u, u, eps)
-        share = 0.5 if (send_q and send_k) else 1.0
-        if send_q:
-            out[0] = share * q * ((su @ k) * scale)
-        if send_k:
-            out[1] = _fold_groups(share * k * ((su.transpose(-1, -2) @ q) * scale), groups)
+        out[0] = full[0]
+        out[1] = None if full[1] is None else _fold_groups(full[1], groups)
+        out[2] = None if full[2] is None else _fold_groups(full[2], groups)
         return out
+
+
+def _attention_relevance(q, k, v, r, o, mask, causal, scale, eps, send):
+    """Relevance for (q, k, v) of one chunk of heads (None where not sent)."""
+    send_q, send_k, send_v = send
+    u, x, s, float_mask = _scores(q, k, mask, causal, scale, r.dtype)
+    if o is None:
+        o = s @ v
+    # AV: uniform ε-rule; the ½ share is folded into r / o (exact: a power of two)
+    so = stable_div(r, o, eps)
+    if send_v and (send_q or send_k):
+        so = so.mul_(0.5)
+    rq = rk = rv = None
+    if send_v:
+        rv = v * (s.transpose(-1, -2) @ so)
+    if not (send_q or send_k):
+        return rq, rk, rv
+    r_s = (so @ v.transpose(-1, -2)).mul_(s)
+    # softmax rule on logits that are finite everywhere: where s = 0 (masked) r_s is 0, so
+    # x ⊙ (r_s − s Σ r_s) is 0 there without a select pass
+    mask_fin = None if float_mask is None else float_mask.nan_to_num(neginf=0.0)
+    x_fin = u if mask_fin is None else u + mask_fin
+    r_x = (r_s - s * r_s.sum(-1, keepdim=True)).mul_(x_fin)
+    if mask_fin is not None:  # z-rule on u + mask where the mask adds something finite
+        r_u = torch.where(mask_fin != 0, u * stable_div(r_x, x_fin, eps), r_x)
+    else:
+        r_u = r_x
+    su = stable_div(r_u, u, eps)
+    share = 0.5 if (send_q and send_k) else 1.0
+    if send_q:
+        rq = share * q * ((su @ k) * scale)
+    if send_k:
+        rk = share * k * ((su.transpose(-1, -2) @ q) * scale)
+    return rq, rk, rv
 
 
 def _sdpa_forward(node, vals):
