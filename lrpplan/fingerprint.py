@@ -21,8 +21,10 @@ import xxhash
 from .graph import Edge, Graph
 from .rules.base import OPS
 
-#: bump when the meaning of a plan changes
-PLAN_FORMAT_VERSION = 1
+#: bump when the meaning of a plan changes, or when plans compiled now are better than the
+#: cached ones (2: value sources without recomputation -- views' bases, inverted views,
+#: output minus operand, ReLU results -- and the value-op kinds that record them)
+PLAN_FORMAT_VERSION = 2
 
 
 def torch_minor() -> str:
