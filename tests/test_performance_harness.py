@@ -7,6 +7,7 @@ sees an allocation it is shown, and that the table has one row per measurement.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ def load_harness():
     spec = importlib.util.spec_from_file_location(
         "lrpplan_performance", ROOT / "benchmarks" / "performance.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
