@@ -21,21 +21,6 @@ from .replay import BoundStep, Executor
 from .rules.base import OPS, NodeInfo, get_rule
 
 
-#: linear-rule variants whose relevance for the activation is ``x ⊙ (finite factors)``
-_X_PROPORTIONAL_VARIANTS = frozenset({"epsilon", "gamma", "zplus", "alphabeta"})
-
-
-def _proportional(step: Step) -> bool:
-    """The step's relevance for each input is that input's value times finite factors, so it is
-    exactly zero wherever the value is zero."""
-    p = step.params
-    if step.rule == "linear":
-        return p.get("mode") == "bilinear" or p.get("variant") in _X_PROPORTIONAL_VARIANTS
-    if step.rule == "add":
-        return p.get("mode") == "z"
-    return step.rule == "softmax"
-
-
 _UNSUPPORTED_HINTS = {
     "CheckpointFunctionBackward": "Reentrant activation checkpointing hides a whole block in one "
     "node; explain with checkpointing off or with torch.utils.checkpoint(use_reentrant=False).",
@@ -286,7 +271,8 @@ class Tracer:
 
     def _note_zeros(self, step: Step, edges: Sequence[Optional[Edge]]) -> None:
         """Record, per input edge, whether this step's relevance is zero where its value is."""
-        ok = _proportional(step) or (step.rule == "route" and all(
+        rule = get_rule(step.rule)
+        ok = rule.proportional(step.params) or (rule.routes_relevance and all(
             self.zero_where_zero.get((step.node, nr), False)
             for nr, slot in enumerate(step.rel_in) if slot >= 0))
         for e, slot in zip(edges, step.rel_out):

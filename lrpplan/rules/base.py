@@ -143,6 +143,14 @@ class Rule:
     name: str = ""
     #: parameter names this rule reads from the rule set, with defaults
     defaults: Mapping[str, Any] = {}
+    #: the relevance it sends is a rearrangement of the relevance it received (gradient
+    #: routing): zero wherever the input value is zero if the received relevance was
+    routes_relevance: bool = False
+
+    def proportional(self, p: Mapping[str, Any]) -> bool:
+        """The relevance sent to each input is that input's value times finite factors (so it
+        is exactly zero wherever the value is zero), for a step with parameters ``p``."""
+        return False
 
     def decide(self, info: NodeInfo) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError

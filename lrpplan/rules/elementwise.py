@@ -113,6 +113,9 @@ class ZRule(Rule):
     name = "add"
     defaults = {"epsilon": 1e-6}
 
+    def proportional(self, p) -> bool:
+        return p.get("mode") == "z"
+
     def decide(self, info: NodeInfo) -> Decision:
         send = tuple(l and not n for l, n in zip(info.live_inputs, info.none_inputs))
         share = [i for i in range(info.n_inputs)

@@ -219,6 +219,9 @@ def _variant_zbox(run, x, w, b, r, p, z=None):
     return x * run.vjp(s, x, w) - low * run.vjp(s, low, wp) - high * run.vjp(s, high, wn)
 
 
+#: variants whose relevance for the activation is ``x ⊙ (finite factors)``
+_X_PROPORTIONAL_VARIANTS = frozenset({"epsilon", "gamma", "zplus", "alphabeta"})
+
 VARIANTS = {
     "epsilon": _variant_epsilon,
     "gamma": _variant_gamma,
@@ -270,6 +273,9 @@ class LinearRule(Rule):
     name = "linear"
     defaults = {"variant": "epsilon", "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0,
                 "beta": 1.0, "low": -3.0, "high": 3.0, "attention": "attnlrp"}
+
+    def proportional(self, p) -> bool:
+        return p.get("mode") == "bilinear" or p.get("variant") in _X_PROPORTIONAL_VARIANTS
 
     def decide(self, info: NodeInfo) -> Decision:
         spec = BILINEAR[info.node_type]

@@ -31,6 +31,7 @@ class Route(Rule):
     """Relevance is routed exactly like the gradient: ``R_in = VJP(R_out)``."""
 
     name = "route"
+    routes_relevance = True
 
     def decide(self, info: NodeInfo) -> Decision:
         return Decision(values=(), send=_send_live(info))
@@ -83,6 +84,7 @@ class CopySlicesRule(Route):
     """In-place write into a view: routed like the gradient (exact for copy_/fill_/masked writes)."""
 
     name = "copyslices"
+    routes_relevance = False  # the written region's values are not the input's
 
     def decide(self, info: NodeInfo) -> Decision:
         return Decision(

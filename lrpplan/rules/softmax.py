@@ -23,6 +23,9 @@ def softmax_relevance(x: torch.Tensor, s: torch.Tensor, r: torch.Tensor, dim: in
 class SoftmaxRule(Rule):
     name = "softmax"
 
+    def proportional(self, p) -> bool:
+        return True
+
     def decide(self, info: NodeInfo) -> Decision:
         send = (info.live_inputs[0],)
         if info.recoverable(0):
