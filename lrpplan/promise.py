@@ -31,6 +31,7 @@ from .errors import GraphFreedError
 from .graph import Edge, Graph
 from .plan import ValueOp
 from .rules.base import OPS
+from .rules.routing import _dim
 
 #: ("leaf", node) | ("saved", node, attr) | ("fwd", node, {pos: Edge | ("saved", node, attr) | None})
 Recipe = tuple
@@ -47,17 +48,12 @@ _VIEW_OPS = frozenset({
     "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "AliasBackward0",
     "AsStridedBackward0", "DiagonalBackward0", "NarrowBackward0", "UnfoldBackward0",
 })
-def _signed(d: int) -> int:
-    """Saved dims come back as unsigned 64-bit for negatives."""
-    return d - (1 << 64) if d >= (1 << 63) else d
-
-
 def _reshape_back(n: Any, t: Any) -> Any:
     return t.reshape(n._saved_self_sym_sizes)
 
 
 def _unpermute(n: Any, t: Any) -> Any:
-    dims = [_signed(d) % t.dim() for d in n._saved_dims]
+    dims = [_dim(d) % t.dim() for d in n._saved_dims]
     inverse = [0] * len(dims)
     for i, d in enumerate(dims):
         inverse[d] = i
@@ -73,9 +69,9 @@ INVERSES: dict[str, Callable[[Any, Any], Any]] = {
     "SqueezeBackward0": _reshape_back,
     "SqueezeBackward1": _reshape_back,
     "SqueezeBackward2": _reshape_back,
-    "UnsqueezeBackward0": lambda n, t: t.squeeze(_signed(n._saved_dim)),
-    "TransposeBackward0": lambda n, t: t.transpose(_signed(n._saved_dim0),
-                                                   _signed(n._saved_dim1)),
+    "UnsqueezeBackward0": lambda n, t: t.squeeze(_dim(n._saved_dim)),
+    "TransposeBackward0": lambda n, t: t.transpose(_dim(n._saved_dim0),
+                                                   _dim(n._saved_dim1)),
     "TBackward0": lambda n, t: t.t(),
     "PermuteBackward0": _unpermute,
     "CloneBackward0": lambda n, t: t,
