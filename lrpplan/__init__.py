@@ -13,8 +13,8 @@ from .cache import PlanCache
 from .config import RuleSet
 from .coverage import coverage, rule_table
 from .dataset import explain_dataset
-from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError, NonFiniteError,
-                     PlanError, PlanMismatchError, UnrecoverableValueError, UnsupportedOperation)
+from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError, LRPWarning,
+                     NonFiniteError, PlanError, PlanMismatchError, UnrecoverableValueError, UnsupportedOperation)
 from .ledger import Ledger
 from .plan import Plan
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
-    "LRPError", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
+    "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
     "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
 ]

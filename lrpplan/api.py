@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -10,13 +12,16 @@ import torch
 
 from .cache import PlanCache
 from .config import RuleSet
-from .errors import InvalidInputError, NonFiniteError
+from .errors import InvalidInputError, LRPWarning, NonFiniteError
+from .finite import check_finite
 from .fingerprint import fingerprint
 from .graph import Graph, capture
 from .ledger import Ledger
 from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
 from .replay import bind, replay
+from .rules import token_indices
+from .targets import Target, is_callable_target, last_real_positions, output_tensor, select_scores
 from .trace import Tracer
 
 CacheArg = Union[PlanCache, str, "os.PathLike[str]", bool, None]
@@ -149,6 +154,9 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                targets: list[dict], token_inputs: Sequence[int] = (),
                recorder: Optional[ModuleRecorder] = None):
     for o in outputs:
+        if isinstance(o, torch.Tensor) and o.grad_fn is None and (
+                o.is_inference() or torch.is_inference_mode_enabled()):
+            raise InvalidInputError(_INFERENCE_MODE)
         if not isinstance(o, torch.Tensor) or o.grad_fn is None:
             raise InvalidInputError(
                 "the explained output must be a tensor with a grad_fn (computed with gradients "
@@ -193,8 +201,27 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
     key = fingerprint(graph, [[t["edge"], t["kind"], t["index"]] for t in plan_targets],
                       ruleset.config(), extra=matched)
     store = _store_for(cache)
-    with torch.no_grad():
-        return _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of)
+    with torch.no_grad(), _no_autocast():
+        result = _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of)
+    plan = result[-1]
+    lost = plan.stats.get("constants_taken_as_zero", 0)
+    if lost:
+        _warn_once(("constants", plan.key), (
+            f"{lost} node(s) of this graph use a value autograd did not keep as 0, e.g. a bias "
+            "of a layer whose parameters do not require grad (see Attribution.assumptions): "
+            "its relevance is not the LRP of the model. Run the forward with "
+            "requires_grad=True on the parameters, or use lrpplan.explain(model, x), which "
+            "does so without modifying the model."))
+    return result
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    """Relevance is computed in float32/float64 even when the caller runs under autocast."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: list,
@@ -222,6 +249,7 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
     for i, x in enumerate(ins):
         if out[i] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             out[i] = torch.zeros(x.shape, dtype=seeds[0].dtype, device=x.device)
+    check_finite(graph, plan, seeds, ex)  # finite relevance, or the node that broke it
     ledger = Ledger(seeds, ex.results, ex.ledger_rows, graph.types)
     return out, ledger, cached, plan.key, plan
 
@@ -229,62 +257,15 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
 # ---------------------------------------------------------------------------------------------
 # model level
 
-Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
-def _main_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        if "logits" in out.keys():
-            return out["logits"]
-        for v in out.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    if isinstance(out, (tuple, list)):
-        for v in out:
-            if isinstance(v, torch.Tensor):
-                return v
-    raise InvalidInputError(f"cannot find a tensor in the model output of type {type(out).__name__}")
-
-
-def _scores(out: torch.Tensor, target: Target) -> tuple[torch.Tensor, Any]:
-    """One score per sample and the target that selected it."""
-    if callable(target) and not isinstance(target, torch.Tensor):
-        score = target(out)
-        if not isinstance(score, torch.Tensor) or score.dim() != 1 or score.shape[0] != out.shape[0]:
-            raise InvalidInputError("a target callable must return one score per sample "
-                                    f"(shape [{out.shape[0]}])")
-        return score, target
-    if out.dim() == 0:  # a model that returns one scalar: explain that scalar
-        return out.reshape(1), None
-    logits = out if out.dim() <= 2 else out[:, -1]  # sequence models: the last position
-    if logits.dim() == 1:
-        logits = logits.unsqueeze(0) if out.shape[0] != 1 else logits.reshape(1, -1)
-    batch, n_classes = logits.shape[0], logits.shape[-1]
-    if target is None:
-        idx = logits.detach().argmax(-1)
-    elif isinstance(target, int):
-        idx = torch.full((batch,), target, dtype=torch.long, device=logits.device)
-    else:
-        idx = torch.as_tensor(target, device=logits.device).long().reshape(-1)
-        if idx.numel() != batch:
-            raise InvalidInputError(f"{idx.numel()} targets for a batch of {batch}")
-    if ((idx < -n_classes) | (idx >= n_classes)).any():
-        raise InvalidInputError(f"target {idx.tolist()} out of range for {n_classes} outputs")
-    score = logits.gather(-1, (idx % n_classes).unsqueeze(-1)).squeeze(-1)
-    return score, idx
-
-
 def _embedding_nodes_for(ids: torch.Tensor, graph: Graph) -> list[int]:
-    """Ids of EmbeddingBackward0 nodes whose saved indices are (a view of) ``ids``."""
+    """Ids of embedding nodes whose saved indices are (a view of) ``ids``."""
     found = []
     storage = ids.untyped_storage().data_ptr()
-    for nid, ntype in enumerate(graph.types):
-        if ntype == "EmbeddingBackward0":
-            idx = graph.nodes[nid]._saved_indices
-            if idx.untyped_storage().data_ptr() == storage and idx.numel() == ids.numel():
-                found.append(nid)
+    for nid, node in enumerate(graph.nodes):
+        idx = token_indices(node, graph.types[nid])
+        if idx is not None and idx.untyped_storage().data_ptr() == storage \
+                and idx.numel() == ids.numel():
+            found.append(nid)
     return found
 
 
@@ -317,43 +298,129 @@ def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: An
 
     Positional arguments are the explained inputs (floating-point tensors get relevance of their
     shape, integer token ids one relevance per token through the embedding); keyword arguments go
-    to the model unattributed. The caller's tensors and the model are not modified.
-    ``target``: ``None`` (argmax per sample), an int, a per-sample sequence or tensor, or a
-    callable mapping the output to one score per sample.
+    to the model unattributed. The caller's tensors and the model (parameters and buffers) are
+    not modified.
+
+    ``target``: ``None`` (argmax per sample), an integer class, per-sample integers, or a
+    callable that receives the model's own output (tensor, ``ModelOutput``, dict, tuple) and
+    returns one score per sample. Without a callable the output (or its ``logits``) must be
+    ``[B]`` scores, ``[B, C]`` logits or ``[B, T, C]`` sequence logits (see
+    :mod:`lrpplan.targets`); for sequence logits the explained position of each sample is its
+    last real token when an ``attention_mask`` (decoder-only models) or a
+    ``decoder_attention_mask`` is passed, else the last position.
     """
     return _explain(model, args, target, RuleSet.ensure(rules), _store_for(cache), kwargs)
+
+
+def _explained_positions(model: Any, kwargs: dict, batch: int) -> Optional[torch.Tensor]:
+    """The last real token of each sample, from the attention mask that covers the output's
+    sequence (None: explain the last position)."""
+    mask = kwargs.get("decoder_attention_mask")
+    if mask is None:
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return None  # attention_mask covers the encoder input, not the output sequence
+        mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+        return None
+    return last_real_positions(mask)
 
 
 def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
     if not args:
         raise InvalidInputError("explain needs at least one positional input")
+    if torch.is_inference_mode_enabled():
+        raise InvalidInputError(_INFERENCE_MODE)
     ins = []
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
+            if a.is_inference():
+                raise InvalidInputError("input tensors created under torch.inference_mode() "
+                                        "cannot take part in autograd; create them outside it "
+                                        "(or pass x.clone() made outside inference_mode)")
             ins.append(a.detach().clone().requires_grad_(True))
         else:
             ins.append(a)
+    first = next((a for a in ins if isinstance(a, torch.Tensor)), None)
+    batch = first.shape[0] if first is not None and first.dim() > 0 else 1
+    is_module = isinstance(model, torch.nn.Module)
     # frozen parameters (requires_grad False) make autograd drop the operands a rule needs
     # (a linear layer's input, a frozen bias); run the forward with detached, grad-requiring
     # stand-ins instead, through functional_call, so the model itself is never modified
     frozen = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()
-              if not p.requires_grad} if isinstance(model, torch.nn.Module) else {}
-    recorder_ctx = record_modules(model) if ruleset.modules and \
-        isinstance(model, torch.nn.Module) else contextlib.nullcontext()
-    with torch.enable_grad(), recorder_ctx as recorder:
-        if frozen:
-            raw = torch.func.functional_call(model, frozen, tuple(ins), kwargs)
-        else:
-            raw = model(*ins, **kwargs)
-        out = _main_output(raw)
-        score, idx = _scores(out, target)
-    targets = [{"kind": "tensor", "input": k} for k, a in enumerate(ins)
-               if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    if score.grad_fn is None:
-        raise InvalidInputError("the model output does not depend on any input with gradients")
-    token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
-                    and not a.is_floating_point() and not a.is_complex()]
-    rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins, targets,
-                                                token_inputs, recorder)
+              if not p.requires_grad} if is_module else {}
+    buffers = _snapshot_buffers(model) if is_module else []
+    recorder_ctx = record_modules(model) if ruleset.modules and is_module \
+        else contextlib.nullcontext()
+    try:
+        with torch.enable_grad(), recorder_ctx as recorder:
+            if frozen:
+                raw = torch.func.functional_call(model, frozen, tuple(ins), kwargs)
+            else:
+                raw = model(*ins, **kwargs)
+            if is_module:
+                _warn_if_training(model, buffers)
+            positions = _explained_positions(model, kwargs, batch)
+            score, idx = select_scores(raw, target, batch, positions)
+        targets = [{"kind": "tensor", "input": k} for k, a in enumerate(ins)
+                   if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        if score.grad_fn is None:
+            raise InvalidInputError("the model output does not depend on any input with "
+                                    "gradients")
+        token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
+                        and not a.is_floating_point() and not a.is_complex()]
+        rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins,
+                                                    targets, token_inputs, recorder)
+    finally:
+        _restore_buffers(buffers)
     relevance = rel[0] if len(ins) == 1 else tuple(rel)
     return Attribution(relevance, score.detach(), idx, ledger, cached, key, plan)
+
+
+_INFERENCE_MODE = ("lrpplan cannot explain under torch.inference_mode(): autograd records no "
+                   "graph there. Call it outside inference_mode (lrpplan turns gradients on "
+                   "by itself, so torch.no_grad() around the call is fine)")
+
+
+def _snapshot_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every buffer (running statistics, counters), to restore after the forward."""
+    with torch.no_grad():
+        return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buf, copy in saved:
+            if not torch.equal(buf, copy):
+                buf.copy_(copy)
+
+
+def _warn_if_training(model: torch.nn.Module,
+                      buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Warn when training mode changed what the forward computed: a dropout module in training
+    mode, or buffers (BatchNorm's running statistics) the forward pass updated."""
+    dropout = any(m.training and isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                  and m.p > 0 for m in model.modules())
+    updated = any(not torch.equal(buf, copy) for buf, copy in buffers)
+    if dropout or updated:
+        if model in _WARNED_TRAINING:
+            return
+        _WARNED_TRAINING.add(model)
+        _warn_once(("train", len(_WARNED_TRAINING), id(model)), (
+            f"{type(model).__name__} is in training mode: "
+            + ("dropout makes the explanation random" if dropout else "")
+            + (" and " if dropout and updated else "")
+            + ("batch statistics make it depend on the rest of the batch" if updated else "")
+            + ". Call model.eval() first (lrpplan restored the buffers the forward updated)."))
+
+
+_WARNED: set = set()
+_WARNED_TRAINING: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _warn_once(key: Any, message: str) -> None:
+    """One :class:`LRPWarning` per key per process (Python's filter would show one per line)."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, LRPWarning, stacklevel=4)

@@ -3,12 +3,20 @@
 In the key:
 - every node's type and its input edges ``(producer id, output number)`` (``None`` edges too);
 - the non-tensor saved attributes each op spec lists as ``key_attrs`` (dims, flags, groups...);
+- per input of an op that broadcasts (``OpSpec.broadcasts``: add, mul, div...), its broadcast
+  pattern (leading dims it lacks, whether it is expanded at all) and whether it has the output's
+  dtype (:func:`lrpplan.rules.layout.operand_facts`);
+- the facts :data:`lrpplan.rules.layout.NODE_FACTS` lists per node type (the number of outputs
+  of a split, whether a convolution has a bias, whether attention ran with dropout), and the
+  number of outputs of a node lrpplan has no op spec for;
 - the root and target edges (which tensors relevance starts from and is collected at);
 - the rule configuration, the plan format version and torch's major.minor version.
 
 Deliberately not in the key: sizes (``*_sym_sizes``), slice bounds, split sizes and indices.
 They follow batch size and sequence length; rules and forward replays read them from the live
-graph at run time, so one plan serves every batch size with the same structure.
+graph at run time, so one plan serves every batch size with the same structure. What a rule or a
+value source *decides* from sizes, values or dtypes at trace time (DESIGN.md invariant 7) is
+reduced to the structural facts above, computed by the same functions the decisions call.
 """
 from __future__ import annotations
 
@@ -20,11 +28,13 @@ import xxhash
 
 from .graph import Edge, Graph
 from .rules.base import OPS
+from .rules.layout import NODE_FACTS, operand_facts, unknown_node_fact
 
 #: bump when the meaning of a plan changes, or when plans compiled now are better than the
 #: cached ones (2: value sources without recomputation -- views' bases, inverted views,
-#: output minus operand, ReLU results -- and the value-op kinds that record them)
-PLAN_FORMAT_VERSION = 2
+#: output minus operand, ReLU results -- and the value-op kinds that record them; 3: broadcast
+#: patterns and per-node facts in the key, product-rule decisions taken from them)
+PLAN_FORMAT_VERSION = 3
 
 
 def torch_minor() -> str:
@@ -42,13 +52,25 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def node_record(node: Any, node_type: str, edges: Sequence[Edge | None]) -> list:
-    """What one node contributes to the key."""
+def node_record(node: Any, node_type: str, edges: Sequence[Edge | None],
+                nodes: Sequence[Any] | None = None) -> list:
+    """What one node contributes to the key (``nodes``: the graph's nodes by id, needed for
+    the broadcast patterns of ops that broadcast)."""
     spec = OPS.get(node_type)
     attrs = []
     if spec is not None:
         for name in spec.key_attrs:
             attrs.append(_plain(getattr(node, "_saved_" + name, None)))
+        if spec.broadcasts:
+            if nodes is None:
+                raise ValueError(f"node_record of {node_type} needs the graph's nodes")
+            attrs.append(operand_facts(node, [None if e is None else (nodes[e[0]], e[1])
+                                              for e in edges]))
+        fact = NODE_FACTS.get(node_type)
+        if fact is not None:
+            attrs.append(_plain(fact(node)))
+    else:
+        attrs.append(unknown_node_fact(node_type, node))
     return [node_type, [None if e is None else list(e) for e in edges], attrs]
 
 
@@ -62,5 +84,5 @@ def fingerprint(graph: Graph, targets: Sequence[Sequence[Any]], rule_config: Map
     h.update(msgpack.packb([_plain(t) for t in targets]))
     h.update(msgpack.packb(_plain(extra)))
     for node, node_type, edges in zip(graph.nodes, graph.types, graph.edges):
-        h.update(msgpack.packb(node_record(node, node_type, edges)))
+        h.update(msgpack.packb(node_record(node, node_type, edges, graph.nodes)))
     return h.hexdigest()

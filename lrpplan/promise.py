@@ -31,6 +31,7 @@ from .errors import GraphFreedError
 from .graph import Edge, Graph
 from .plan import ValueOp
 from .rules.base import OPS
+from .rules.layout import broadcast_pattern, conv_has_bias
 from .rules.routing import _dim
 
 #: ("leaf", node) | ("saved", node, attr) | ("fwd", node, {pos: Edge | ("saved", node, attr) | None})
@@ -93,7 +94,7 @@ def _lost_operand(node_type: str, node: Any) -> bool:
     if node_type in _ZERO_OK or node_type in ("AddmmBackward0", "WhereBackward0"):
         return True
     if node_type == "ConvolutionBackward0":
-        return getattr(node, "_saved_bias_sym_sizes_opt", None) is not None
+        return conv_has_bias(node)
     return False
 
 
@@ -169,6 +170,9 @@ class ValueResolver:
         #: edge -> length of the longest forward-replay chain that produced its value
         self.depths: dict[Edge, int] = {}
         self.assumptions: list[str] = []
+        #: forward replays of a linear map that took its bias, which autograd did not keep
+        #: (frozen), as 0 (a mask operand taken as 0 is an assumption, not counted here)
+        self.lost_constants = 0
         #: edge -> id of a node with no op spec that blocked its recovery
         self.blocked_by: dict[Edge, int] = {}
 
@@ -227,8 +231,10 @@ class ValueResolver:
                 continue
             out_meta = node._input_metadata[0]
             other_meta = g.nodes[other[0]]._input_metadata[other[1]]
-            # the other operand may broadcast (a bias); this one must have the output's shape
-            if not (tuple(meta.shape) == tuple(out_meta.shape)
+            # the other operand may broadcast (a bias); this one must have the output's shape:
+            # decided on the broadcast pattern and dtypes the plan key records for the add
+            # (rules.layout.operand_facts), so a replay at other sizes makes the same choice
+            if not (broadcast_pattern(meta.shape, out_meta.shape).same_shape
                     and meta.dtype == out_meta.dtype == other_meta.dtype):
                 continue
             if self.direct((c, 0)) is not None and self.direct(other) is not None:
@@ -260,9 +266,19 @@ class ValueResolver:
                 attr = cspec.saved_inputs.get(pos) if cspec is not None else None
                 t = read_saved(g.nodes[c], attr) if attr else None
                 base = getattr(t, "_base", None)
-                if base is not None and tuple(base.shape) == shape and base.dtype == dtype:
+                # the base must be the very tensor on ``edge`` (its autograd edge), not merely
+                # one of its shape: shapes can coincide at one size (a size-1 dim) and not at
+                # another, and the plan key holds no sizes
+                if base is not None and base.dtype == dtype and tuple(base.shape) == shape \
+                        and self._is_edge_tensor(base, edge):
                     return ("base", c, attr)
         return None
+
+    def _is_edge_tensor(self, t: Any, edge: Edge) -> bool:
+        """``t`` is the output ``edge`` of the graph (same autograd node and output number)."""
+        if not getattr(t, "requires_grad", False) or t.grad_fn is None:
+            return False
+        return self.graph.index.get(t.grad_fn) == edge[0] and t.output_nr == edge[1]
 
     def recipe(self, edge: Edge) -> Optional[Recipe]:
         """How the value on ``edge`` can be had, or None if it cannot (memoised, iterative)."""
@@ -404,6 +420,9 @@ class ValueResolver:
                         self.assumptions.append(
                             f"{self.graph.types[pid]} #{pid}: forward value recomputed with "
                             f"its untracked operand {pos} (not saved by autograd) taken as 0")
+                        spec = OPS.get(self.graph.types[pid])
+                        if spec is not None and spec.rule == "linear":  # a frozen bias
+                            self.lost_constants += 1
                     in_slots.append(-1)
                 elif len(src) == 3:  # the node's own saved input
                     slot = self.new_slot()

@@ -11,8 +11,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import LRPError, PlanError
+from .errors import LRPError, PlanError, RuleError
 from .graph import Graph
+from .ledger import LedgerRows
 from .plan import Plan, Step, ValueOp
 from .promise import INVERSES, read_saved
 from .rules.base import OPS, get_rule, sum_to
@@ -21,16 +22,71 @@ from .rules.base import OPS, get_rule, sum_to
 class BoundStep:
     """A rule step with its rule, merged parameters and forward function looked up once."""
 
-    __slots__ = ("step", "run", "params", "fit")
+    __slots__ = ("step", "run", "params", "fit", "absorbs")
 
     def __init__(self, step: Step) -> None:
         self.step = step
-        self.run = get_rule(step.rule).run
+        rule = get_rule(step.rule)
+        self.run = rule.run
         spec = OPS.get(step.params.get("node_type", ""))
         params = dict(step.params)
         params["forward"] = spec.forward if spec is not None else None
         self.params = params
         self.fit = bool(spec is not None and spec.broadcasts)
+        #: the rule reports what it absorbs: one more item after the relevance per input
+        self.absorbs = bool(rule.absorbs(step.params))
+
+
+class CheckedStep(BoundStep):
+    """A :class:`BoundStep` whose rule output is checked (the tracer runs these; a replay runs
+    plain ones): one item per input (plus the absorbed 0-d tensor where the rule reports one),
+    and relevance of its input's shape — summed back only for ops that broadcast — never a
+    broadcast by accident. A mismatch is a :class:`~lrpplan.errors.RuleError` naming the node
+    and the rule."""
+
+    __slots__ = ()
+
+    def __init__(self, step: Step, graph: Graph) -> None:
+        super().__init__(step)
+        run, absorbs, fit = self.run, self.absorbs, self.fit
+
+        def checked(node, rel, vals, p):  # no reference to self: no cycle holding the graph
+            return _check_output(step, absorbs, fit, graph, run(node, rel, vals, p))
+
+        self.run = checked
+
+
+def _check_output(s: Step, absorbs: bool, fit: bool, graph: Graph, out: Sequence[Any]
+                  ) -> Sequence[Any]:
+    where = f"{graph.types[s.node]} ({graph.describe(s.node)})"
+    n_in = len(s.rel_out)
+    want = n_in + (1 if absorbs else 0)
+    if len(out) != want:
+        raise RuleError(f"rule {s.rule!r} on {where} returned {len(out)} items, expected {want} "
+                        f"(relevance per input{' and the absorbed relevance' if absorbs else ''})")
+    if absorbs and not (isinstance(out[-1], torch.Tensor) and out[-1].dim() == 0):
+        raise RuleError(f"rule {s.rule!r} on {where} must report what it absorbs as a 0-d "
+                        f"tensor, got {type(out[-1]).__name__}")
+    for pos, (slot, e) in enumerate(zip(s.rel_out, graph.edges[s.node])):
+        t = out[pos]
+        if slot < 0 or t is None or e is None:
+            continue
+        shape = tuple(graph.nodes[e[0]]._input_metadata[e[1]].shape)
+        got = tuple(t.shape)
+        if got == shape:
+            continue
+        if fit:  # summed back to the input's shape by the executor
+            try:
+                if torch.broadcast_shapes(shape, got) == torch.Size(got):
+                    continue
+            except RuntimeError:
+                pass
+        raise RuleError(
+            f"rule {s.rule!r} on {where} gave relevance of shape {list(got)} for input {pos}, "
+            f"whose shape is {list(shape)}: every rule's relevance must have its input's shape "
+            "(a rule for a shape-changing node must map relevance back like its gradient, e.g. "
+            "'route')")
+    return out
 
 
 def bind(steps: Sequence[Step]) -> list[Any]:
@@ -67,8 +123,22 @@ class Executor:
         self.rel_sum: list[list[torch.Tensor]] = [[] for _ in range(n_rel)]
         self.val: list[Any] = [None] * n_val
         self.results: list[Optional[torch.Tensor]] = [None] * n_targets
-        #: (node, sums of the relevance it received, sums of the relevance it sent)
-        self.ledger_rows: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
+        #: (node, sums of the relevance it received, sums of the relevance it sent, 0-d sums of
+        #: what it absorbed as its rule reports it); read through :attr:`ledger_rows`
+        self.rows: list[tuple[int, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+        #: per target: its relevance also flows on (an explained intermediate tensor)
+        self.through: list[bool] = [False] * n_targets
+
+    @property
+    def ledger_rows(self) -> LedgerRows:
+        """The ledger's rows, and one for each slot whose relevance no step read (an edge that
+        leads nowhere: booked as dropped); the targets whose relevance flows on."""
+        rows = LedgerRows(self.rows)
+        for sums in self.rel_sum:
+            if sums:
+                rows.append((-1, list(sums), [], list(sums)))
+        rows.through = list(self.through)
+        return rows
 
     # -- value ops ----------------------------------------------------------------------------
 
@@ -134,10 +204,13 @@ class Executor:
         for pos, src in s.vals:
             vals[pos] = read_saved(node, src) if isinstance(src, str) else self.val[src]
         out = b.run(node, rel, vals, b.params)
+        absorbed = [out[-1]] if b.absorbs else []
         out_sums: list[torch.Tensor] = []
         edges = self.graph.edges[s.node]
         for pos, slot in enumerate(s.rel_out):
             if slot < 0:
+                if out[pos] is not None:  # relevance on an edge that leads nowhere: dropped
+                    absorbed.append(out[pos].sum())
                 continue
             t = out[pos]
             if t is None:
@@ -151,7 +224,7 @@ class Executor:
                 sums = [t.sum()]
             out_sums += sums
             self.deposit(slot, t, sums)
-        self.ledger_rows.append((s.node, in_sums, out_sums))
+        self.rows.append((s.node, in_sums, out_sums, absorbed))
 
     def fused(self, step: Step, body: list[BoundStep]) -> None:
         for op in step.chain:
@@ -162,8 +235,13 @@ class Executor:
     def collect(self, s: Step) -> None:
         slot = s.rel_in[0]
         t = self.rel[slot]
-        self.rel[slot] = None
         k = s.params["target"]
+        if s.params.get("keep"):  # flows on into the producer, whose rule may work in place
+            t = t.clone()
+            self.through[k] = True
+        else:
+            self.rel[slot] = None
+            self.rel_sum[slot] = []
         cur = self.results[k]
         self.results[k] = t if cur is None else cur + t
 

@@ -59,6 +59,8 @@ class Tracer:
         #: (structural; roots are never assumed to be: a caller's seed can be anything)
         self.zero_where_zero: dict[Edge, bool] = {r: False for r in graph.roots}
         self.assumptions: list[str] = []
+        #: nodes whose rule took a value autograd did not keep (a frozen bias) as 0
+        self.constants_taken_as_zero = 0
         self._live = self._liveness()
 
     # -- slots ------------------------------------------------------------------------------
@@ -101,17 +103,17 @@ class Tracer:
         g = self.g
         active = [False] * len(g)
         pending = [0] * len(g)
+        # relevance flows on through an explained intermediate tensor (Captum LayerLRP's
+        # semantics): each requested tensor gets what it gets when requested alone
         for r in g.roots:
-            if r not in self.target_of:
-                active[r[0]] = True
+            active[r[0]] = True
         for n in range(len(g)):
             if not (active[n] and self._live[n]):
                 continue
             for e in g.edges[n]:
                 if self.edge_live(e):
                     pending[e[0]] += 1
-                    if e not in self.target_of:
-                        active[e[0]] = True
+                    active[e[0]] = True
         return active, pending
 
     # -- the traversal -----------------------------------------------------------------------
@@ -138,8 +140,10 @@ class Tracer:
             n = stack.pop()
             for nr_edge, k in self._targets_at(n):
                 if nr_edge in self.rel_slot:
+                    # the relevance stays in its slot when it flows on into the producer
+                    keep = bool(active[n] and self._live[n])
                     step = Step("collect", n, rel_in=(self.rel_slot[nr_edge],),
-                                params={"target": k})
+                                params={"target": k, "keep": keep})
                     fused = self._close(fused)
                     self.steps.append(step)
                     self.ex.collect(step)
@@ -184,16 +188,24 @@ class Tracer:
         rel_in = []
         for nr in range(n_out):
             e = (n, nr)
-            rel_in.append(self.rel_slot[e] if (e in self.rel_slot and e not in self.target_of)
-                          else -1)
+            rel_in.append(self.rel_slot.get(e, -1))
         if all(s < 0 for s in rel_in):
             return None, None  # no relevance arrived (structurally): nothing to propagate
         spec = OPS.get(ntype)
         first = spec is not None and spec.rule == "linear" and self._first_layer(n)
         rule_name, params = self.ruleset.resolve(ntype, first_layer=first,
                                                  module=self.module_of.get(n))
+        from .replay import CheckedStep  # the tracer checks every rule's output; replays do not
+        from .rules.routing import suggest_fallback
+
+        def unsupported(m: int) -> UnsupportedOperation:
+            fallback, reason = suggest_fallback(
+                g.nodes[m], [None if e is None else self._shape(e) for e in g.edges[m]])
+            return UnsupportedOperation(g.types[m], g.describe(m),
+                                        _UNSUPPORTED_HINTS.get(g.types[m], ""), fallback, reason)
+
         if rule_name is None:
-            raise UnsupportedOperation(ntype, g.describe(n), _UNSUPPORTED_HINTS.get(ntype, ""))
+            raise unsupported(n)
         rule = get_rule(rule_name)
         edges = g.edges[n]
         info = NodeInfo(
@@ -208,9 +220,10 @@ class Tracer:
             params=params, first_layer=first,
             source_type=lambda i: self._source_type(edges[i] if i < len(edges) else None),
             output_available=lambda: n_out == 1 and self.values.direct((n, 0)) is not None,
+            position=g.describe(n),
         )
         decision = rule.decide(info)
-        if decision.assumption:
+        if decision.assumption and not decision.lost_constant:
             self.assumptions.append(f"#{n} {decision.assumption}")
         chain: list[ValueOp] = []
         vals = []
@@ -225,8 +238,7 @@ class Tracer:
             if e is None or not self.values.recoverable(e):
                 blocker = self.values.blocked_by.get(e) if e is not None else None
                 if blocker is not None:
-                    raise UnsupportedOperation(g.types[blocker], g.describe(blocker),
-                                               _UNSUPPORTED_HINTS.get(g.types[blocker], ""))
+                    raise unsupported(blocker)
                 raise UnrecoverableValueError(
                     f"{ntype} ({g.describe(n)}) needs the forward value of input {pos}, which "
                     "autograd saved nowhere and which cannot be recomputed from the graph")
@@ -253,6 +265,10 @@ class Tracer:
                 self.values.emit(ValueOp("saved", relu, "_saved_result", (), (slot,)), chain)
                 vals.append((len(edges), slot))
                 nonneg_output = True
+        if decision.lost_constant and not any(pos == len(edges) for pos, _ in vals):
+            # the output would have recovered the constant; without it the constant is 0
+            self.assumptions.append(f"#{n} {decision.assumption}")
+            self.constants_taken_as_zero += 1
         rel_out = tuple(self._slot(e) if (send and self.edge_live(e)) else -1
                         for e, send in zip(edges, decision.send))
         merged = dict(params)
@@ -263,7 +279,7 @@ class Tracer:
         merged["node_type"] = ntype
         step = Step("rule", n, rule_name, tuple(rel_in), rel_out, tuple(vals), merged,
                     tuple(chain))
-        self.ex.rule(BoundStep(step))
+        self.ex.rule(CheckedStep(step, g))
         self._note_zeros(step, edges)
         if promise is not None:
             self.promises.append(promise)
@@ -293,9 +309,11 @@ class Tracer:
         return relu
 
     def _below_routing(self, e: Optional[Edge]) -> Optional[Edge]:
-        """Follow ``e`` down through routing/identity nodes with one live input."""
+        """Follow ``e`` down through routing/identity nodes with one live input, to the first
+        other node or to an explained tensor that relevance does not flow on from (the input
+        layer is the one next to the deepest explained tensors)."""
         g = self.g
-        while e is not None and e not in self.target_of:
+        while e is not None and not (e in self.target_of and not self._live[e[0]]):
             spec = OPS.get(g.types[e[0]])
             if spec is None or spec.rule not in ("route", "identity"):
                 return e
@@ -307,12 +325,15 @@ class Tracer:
 
     def _first_layer(self, n: int) -> bool:
         """A linear node one of whose explained operands comes straight from an input."""
-        return any(self.edge_live(e) and self._below_routing(e) in self.target_of
+        return any(self.edge_live(e) and self._terminal_target(self._below_routing(e))
                    for e in self.g.edges[n])
+
+    def _terminal_target(self, e: Optional[Edge]) -> bool:
+        return e is not None and e in self.target_of and not self._live[e[0]]
 
     def _source_type(self, e: Optional[Edge]) -> str:
         end = self._below_routing(e)
-        if end is None or end in self.target_of:
+        if end is None or (end in self.target_of and not self._live[end[0]]):
             return ""
         return self.g.types[end[0]]
 
@@ -346,6 +367,7 @@ class Tracer:
             "max_promise_depth": max((p.depth() for p in self.promises), default=0),
             "promise_tree_nodes": sum(b.tree_nodes for p in self.promises for b in p.branches),
             "promise_density": len(self.promises) / max(1, len(self.g)),
+            "constants_taken_as_zero": self.constants_taken_as_zero + self.values.lost_constants,
         }
         header = {"format": PLAN_FORMAT_VERSION, "torch": torch_minor(), "roots": root_slots,
                   "rules": self.ruleset.config()}

@@ -47,6 +47,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """lrpplan warns once per model or plan and process; every test sees its own first time."""
+    from lrpplan import api
+
+    api._WARNED.clear()
+    api._WARNED_TRAINING.clear()
+    yield
+
+
 def _to_float64(obj):
     if isinstance(obj, torch.nn.Module):
         return obj.double()

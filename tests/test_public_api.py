@@ -5,7 +5,7 @@ import lrpplan
 
 PUBLIC = {
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
-    "LRPError", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
+    "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
     "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
 }

@@ -4,5 +4,7 @@ from . import (  # noqa: F401  (registration side effects)
     attention, elementwise, embedding, linear, norm, reduce, routing, softmax,
 )
 from .base import OPS, RULES, Decision, NodeInfo, OpSpec, Rule, get_rule, op_spec
+from .embedding import token_indices
 
-__all__ = ["OPS", "RULES", "Decision", "NodeInfo", "OpSpec", "Rule", "get_rule", "op_spec"]
+__all__ = ["OPS", "RULES", "Decision", "NodeInfo", "OpSpec", "Rule", "get_rule", "op_spec",
+           "token_indices"]

@@ -4,6 +4,15 @@ Decomposed into the rules of its parts: ``u = q kᵀ · scale``, ``x = u + mask`
 ``o = s v``. AV and QKᵀ use the AttnLRP uniform ε-rule (the ε-rule in full when only one side
 leads to a target), the softmax the AttnLRP softmax rule, a float mask absorbs its z-rule share.
 The node saves q, k, v, the mask, ``scale`` and ``is_causal``, so no Promise is needed.
+
+A query row whose every key is masked (the pad positions of a left-padded batch) has attention
+weights 0 and output 0 in torch's kernels, not the NaN of a softmax over ``-inf`` alone: the rule
+rebuilds the weights the same way, so such a row passes no relevance on and absorbs what reaches
+it (through the ε of the AV rule).
+
+The rule reports what it absorbs from its own terms (:meth:`SDPARule.absorbs`): the ε shares of
+the AV and QKᵀ rules (Σ ε·sign(z)·R/(z + ε·sign(z))), the softmax rule's Taylor residual
+(ΣR·(1 + Σ s x) − Σ x R per row) and a float mask's z-rule share.
 """
 from __future__ import annotations
 
@@ -61,7 +70,12 @@ def _scores(q, k, mask, causal, scale, dtype):
         L, S = u.shape[-2], u.shape[-1]
         keep = torch.ones(L, S, dtype=torch.bool, device=u.device).tril()
         x = x.masked_fill(~keep, float("-inf"))
-    return u, x, torch.softmax(x, -1), float_mask
+    s = torch.softmax(x, -1)
+    if mask is not None:
+        # a row with every key masked attends to nothing: weights 0 (the kernels' output is 0
+        # there), not the NaN of a softmax over -inf alone
+        s = s.masked_fill_(x.amax(-1, keepdim=True) == float("-inf"), 0.0)
+    return u, x, s, float_mask
 
 
 def attention_parts(node, dtype):
@@ -126,6 +140,10 @@ class SDPARule(Rule):
             send = (False, False) + send[2:]
         return Decision(values=(), send=send)
 
+    def absorbs(self, p) -> bool:
+        """ε shares, the softmax residual and a float mask's share: reported by :meth:`run`."""
+        return True
+
     def run(self, node, rel, vals, p):
         r = rel[0]
         send = p["send"][:3]
@@ -133,11 +151,13 @@ class SDPARule(Rule):
         saved_o = _saved(node, "_saved_output")  # the real output (same dtype: no rounding)
         o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else None
         full = [torch.zeros_like(t) if sent else None for t, sent in zip((q, k, v), send)]
+        absorbed = torch.zeros((), dtype=r.dtype, device=r.device)
         # one sample and a few heads at a time: the [L, S] temporaries stay cache-sized
         for idx in _chunks(q, k.shape[-2]):
-            parts = _attention_relevance(
+            *parts, part_absorbed = _attention_relevance(
                 q[idx], k[idx], v[idx], r[idx], None if o is None else o[idx],
                 _mask_part(mask, idx, q.dim()), causal, scale, p["epsilon"], send)
+            absorbed += part_absorbed
             for dst, part in zip(full, parts):
                 if dst is not None:
                     dst[idx] = part
@@ -145,41 +165,66 @@ class SDPARule(Rule):
         out[0] = full[0]
         out[1] = None if full[1] is None else _fold_groups(full[1], groups)
         out[2] = None if full[2] is None else _fold_groups(full[2], groups)
-        return out
+        return out + [absorbed]
+
+
+def _sign_dot(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Σ sign(z)·t with sign(0) = +1 (the sign ``stabilize`` uses)."""
+    return torch.sign(z).add_(0.5).sign_().mul_(t).sum()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ a·b of two same-shape tensors without an element-wise temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _attention_relevance(q, k, v, r, o, mask, causal, scale, eps, send):
-    """Relevance for (q, k, v) of one chunk of heads (None where not sent)."""
+    """Relevance for (q, k, v) of one chunk of heads (None where not sent), and the relevance
+    the chunk absorbs (0-d), from the rules' own terms."""
     send_q, send_k, send_v = send
     u, x, s, float_mask = _scores(q, k, mask, causal, scale, r.dtype)
     if o is None:
         o = s @ v
     # AV: uniform ε-rule; the ½ share is folded into r / o (exact: a power of two)
     so = stable_div(r, o, eps)
+    absorbed = eps * _sign_dot(o, so)  # the ε share of the AV rule
     if send_v and (send_q or send_k):
         so = so.mul_(0.5)
     rq = rk = rv = None
     if send_v:
         rv = v * (s.transpose(-1, -2) @ so)
     if not (send_q or send_k):
-        return rq, rk, rv
+        return rq, rk, rv, absorbed
     r_s = (so @ v.transpose(-1, -2)).mul_(s)
     # softmax rule on logits that are finite everywhere: where s = 0 (masked) r_s is 0, so
     # x ⊙ (r_s − s Σ r_s) is 0 there without a select pass
     mask_fin = None if float_mask is None else float_mask.nan_to_num(neginf=0.0)
     x_fin = u if mask_fin is None else u + mask_fin
-    r_x = (r_s - s * r_s.sum(-1, keepdim=True)).mul_(x_fin)
+    r_sum = r_s.sum(-1, keepdim=True)
+    # its Taylor residual: Σ_rows Σ r_s · (1 + Σ s x) − Σ x r_s
+    x_mean = (s.unsqueeze(-2) @ x_fin.unsqueeze(-1)).reshape(r_sum.shape)
+    absorbed = absorbed + _dot(r_sum, x_mean.add_(1.0)) - _dot(x_fin, r_s)
+    r_x = (r_s - s * r_sum).mul_(x_fin)
+    del r_s
     if mask_fin is not None:  # z-rule on u + mask where the mask adds something finite
-        r_u = torch.where(mask_fin != 0, u * stable_div(r_x, x_fin, eps), r_x)
+        adds = mask_fin != 0
+        d = stable_div(r_x, x_fin, eps)
+        # the mask's share and the ε share where the z-rule applies: Σ (mask + ε·sign(x)) d
+        mask_share = torch.sign(x_fin).add_(0.5).sign_().mul_(eps).add_(mask_fin)
+        absorbed = absorbed + _dot(mask_share.masked_fill_(~adds, 0.0), d)
+        del mask_share
+        r_u = torch.where(adds, u * d, r_x)
+        del d
     else:
         r_u = r_x
     su = stable_div(r_u, u, eps)
+    absorbed = absorbed + eps * _sign_dot(u, su)  # the ε share of the QKᵀ rule
     share = 0.5 if (send_q and send_k) else 1.0
     if send_q:
         rq = share * q * ((su @ k) * scale)
     if send_k:
         rk = share * k * ((su.transpose(-1, -2) @ q) * scale)
-    return rq, rk, rv
+    return rq, rk, rv, absorbed
 
 
 def _sdpa_forward(node, vals):

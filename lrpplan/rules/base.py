@@ -44,6 +44,10 @@ class OpSpec:
         non-tensor saved attributes that go into the fingerprint.
     broadcasts:
         the op broadcasts its inputs: relevance for an input is summed back to the input's shape.
+        For every other op a rule's relevance must have its input's shape exactly.
+    fills:
+        some output positions hold a constant that is no input (padding, a fill value, an
+        operand autograd does not track): a routing rule books the relevance there as absorbed.
     """
 
     node_type: str
@@ -54,6 +58,7 @@ class OpSpec:
     forward_inputs: Optional[tuple[int, ...]] = None
     key_attrs: tuple[str, ...] = ()
     broadcasts: bool = False
+    fills: bool = False
 
 
 OPS: dict[str, OpSpec] = {}
@@ -69,6 +74,7 @@ def register_op(
     forward_inputs: tuple[int, ...] | None = None,
     key_attrs: tuple[str, ...] = (),
     broadcasts: bool = False,
+    fills: bool = False,
 ) -> None:
     """Register one or several node types sharing a spec."""
     if isinstance(node_types, str):
@@ -78,7 +84,7 @@ def register_op(
             raise RuntimeError(f"op spec for {name!r} registered twice")
         OPS[name] = OpSpec(
             name, rule, dict(saved_inputs or {}), dict(saved_outputs or {}), forward,
-            forward_inputs, tuple(key_attrs), broadcasts,
+            forward_inputs, tuple(key_attrs), broadcasts, fills,
         )
 
 
@@ -101,12 +107,18 @@ class Decision:
         plain (msgpack-able) parameters for :meth:`Rule.run`.
     assumption:
         a documented assumption this node's rule makes (recorded with the result), or ``""``.
+    lost_constant:
+        the assumption is that a value autograd did not keep (a frozen bias, a constant
+        operand) is 0, unless the node's forward output is supplied (``reuse_output``), which
+        recovers it exactly; the tracer records the assumption only when it is not, and the
+        explanation then warns (:class:`~lrpplan.errors.LRPWarning`).
     """
 
     values: tuple[int, ...]
     send: tuple[bool, ...]
     params: Mapping[str, Any] = field(default_factory=dict)
     assumption: str = ""
+    lost_constant: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,8 @@ class NodeInfo:
     source_type: Callable[[int], str] = lambda i: ""
     #: the node's forward output is saved somewhere in the graph (no replay needed)
     output_available: Callable[[], bool] = lambda: False
+    #: where the node sits in the graph, for error messages
+    position: str = ""
 
 
 class Rule:
@@ -137,7 +151,9 @@ class Rule:
     (every time; pure tensor math, no traversal). ``run`` receives the relevance at each forward
     output (``None`` where none arrived), the forward values of the inputs listed in
     ``Decision.values`` (others ``None``) and ``Decision.params`` merged with the rule-set
-    parameters; it returns relevance per input (``None`` where ``Decision.send`` is False).
+    parameters; it returns relevance per input (``None`` where ``Decision.send`` is False),
+    each of its input's shape (summed back by the executor only for ops that broadcast), and,
+    where :meth:`absorbs` says so, one more item: the relevance the node absorbs.
     """
 
     name: str = ""
@@ -150,6 +166,18 @@ class Rule:
     def proportional(self, p: Mapping[str, Any]) -> bool:
         """The relevance sent to each input is that input's value times finite factors (so it
         is exactly zero wherever the value is zero), for a step with parameters ``p``."""
+        return False
+
+    def absorbs(self, p: Mapping[str, Any]) -> bool:
+        """Whether a step with parameters ``p`` absorbs relevance (part of the ledger check).
+
+        False: the rule conserves, Σ sent == Σ received. True: :meth:`run` returns
+        ``len(p["send"]) + 1`` items, the last a 0-d tensor in the relevance dtype: the relevance
+        the node absorbs, computed from the rule's own terms (a bias share Σ b·s, an ε share
+        Σ ε·sign(z)·s, an unsent operand's or a constant's share, an absorbing fallback's
+        inflow), never as received − sent. The ledger compares it with received − sent
+        (:meth:`lrpplan.Ledger.leaks`).
+        """
         return False
 
     def decide(self, info: NodeInfo) -> Decision:  # pragma: no cover - interface
@@ -208,6 +236,48 @@ def stable_div(r: Tensor, z: Tensor, eps: float, nonneg: bool = False) -> Tensor
             and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad)):
         return torch.div(r, d, out=d)
     return r / d
+
+
+def stable_div_share(r: Tensor, z: Tensor, eps: float, nonneg: bool = False
+                     ) -> tuple[Tensor, Optional[Tensor]]:
+    """``(s, a)``: ``s = r / stabilize(z, eps)`` as :func:`stable_div` gives it, and the ε
+    share ``a = Σ ε·sign(z)·s`` (a 0-d tensor; ``None`` when ``eps`` is 0), the relevance the
+    stabiliser absorbs. Costs one product-sum over ``z`` more than :func:`stable_div`."""
+    if eps == 0.0:
+        return r / z, None
+    if nonneg:  # z ≥ 0: stabilize(z) = z + eps
+        s = stable_div(r, z, eps, True)
+        return s, s.sum() * eps
+    e = torch.sign(z).add_(0.5).sign_().mul_(eps)  # ε·sign(z), sign(0) = +1
+    d = e + z
+    if d.shape == r.shape and d.dtype == torch.result_type(r, d) \
+            and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad)):
+        s = torch.div(r, d, out=d)
+    else:
+        s = r / d
+    if e.shape == s.shape and e.dtype == s.dtype:
+        return s, torch.dot(e.reshape(-1), s.reshape(-1))
+    return s, (e * s).sum()
+
+
+def dot_sum(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a·b with ``a`` broadcast against ``b`` (a 0-d tensor): ``b`` is summed to ``a``'s
+    shape first, so a per-channel bias costs one reduction of ``b``."""
+    if a.dim() > b.dim():
+        return (a * b).sum()
+    b = sum_to(b, a.shape)
+    if a.shape == b.shape and a.dtype == b.dtype:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum()
+
+
+def add_parts(parts: Sequence[Optional[Tensor]], like: Tensor) -> Tensor:
+    """The sum of the 0-d parts that are not None (a 0-d zero of ``like``'s dtype if none)."""
+    out = None
+    for t in parts:
+        if t is not None:
+            out = t if out is None else out + t
+    return like.new_zeros(()) if out is None else out
 
 
 def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import (Decision, NodeInfo, Rule, as_rel, register_op, register_rule, own_output, stable_div,
-                   sum_to)
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, register_op, register_rule,
+                   own_output, stable_div, stable_div_share, sum_to)
+from .layout import broadcast_pattern
 
 # ---------------------------------------------------------------------------------------------
 # unary nonlinearities: identity rule; forward replays for Promise chains
@@ -116,6 +117,11 @@ class ZRule(Rule):
     def proportional(self, p) -> bool:
         return p.get("mode") == "z"
 
+    def absorbs(self, p) -> bool:
+        # "z": the ε share, the shares of known operands not sent (a bias, a branch leading to
+        # no target) and of a constant recovered from the output; "pass" conserves
+        return p.get("mode") == "z"
+
     def decide(self, info: NodeInfo) -> Decision:
         send = tuple(l and not n for l, n in zip(info.live_inputs, info.none_inputs))
         share = [i for i in range(info.n_inputs)
@@ -151,16 +157,28 @@ class ZRule(Rule):
         terms = {i: as_rel(vals[i], r.dtype) if coefs[i] == 1.0 else
                  coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
         z = own_output(vals, p)  # the true output
+        # a constant autograd did not save is in the output: its share, z − Σ known terms
+        constant = z is not None and (len(send) < 2 or len(p["share"]) < len(send))
+        if z is not None and z.dtype != r.dtype and not constant:
+            z = None  # rounded (half precision): the sum of the terms in the relevance dtype
         z = as_rel(z, r.dtype) if z is not None else None
         nonneg = z is not None and p.get("output_nonneg", False)
         if z is None:
             for t in terms.values():
                 z = t if z is None else z + t
-        s = stable_div(r, z, p["epsilon"], nonneg)
+        s, eps_part = stable_div_share(r, z, p["epsilon"], nonneg)
+        parts = [eps_part]
+        if constant:
+            known = None
+            for t in terms.values():
+                known = t if known is None else known + t
+            parts.append(dot_sum(z, s) if known is None else dot_sum(z - known, s))
         for i, t in terms.items():
             if send[i]:
                 out[i] = sum_to(t * s, t.shape)
-        return out
+            else:
+                parts.append(dot_sum(t, s))  # an operand leading to no target: a bias
+        return out + [add_parts(parts, s)]
 
 
 for _name in _ADD_COEFS:
@@ -187,9 +205,11 @@ class ProductRule(Rule):
     def decide(self, info: NodeInfo) -> Decision:
         live = [i for i in range(info.n_inputs) if info.live_inputs[i] and not info.none_inputs[i]]
         send = [False] * info.n_inputs
-        out_numel = _numel(info.output_shapes[0])
         if len(live) == 2:
-            full = [i for i in live if _numel(info.input_shapes[i]) == out_numel]
+            # decided on the broadcast pattern the plan key records, never on sizes (shapes
+            # are given only for ops that broadcast: the ops whose patterns the key holds)
+            pats = [broadcast_pattern(info.input_shapes[i], info.output_shapes[0]) for i in live]
+            full = [i for i, pat in zip(live, pats) if pat is not None and pat.full]
             if len(full) == 1:  # broadcast scale (normaliser): all to the full-shape operand
                 live = full
         for i in live:
@@ -204,13 +224,6 @@ class ProductRule(Rule):
             if s:
                 out[i] = r if share == 1.0 else r * share  # executor sums broadcast dims back
         return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape or ():
-        n *= d
-    return n
 
 
 register_op("MulBackward0", "product", saved_inputs={0: "_saved_self", 1: "_saved_other"},

@@ -20,3 +20,12 @@ def _embedding_forward(node, vals):
 
 
 register_op("EmbeddingBackward0", "route", forward=_embedding_forward)
+
+#: node type -> the saved attribute holding the token ids an embedding lookup read
+TOKEN_LOOKUPS = {"EmbeddingBackward0": "_saved_indices"}
+
+
+def token_indices(node, node_type: str):
+    """The token ids a lookup node read (a tensor), or ``None`` for any other node."""
+    attr = TOKEN_LOOKUPS.get(node_type)
+    return getattr(node, attr, None) if attr else None

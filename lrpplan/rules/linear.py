@@ -12,7 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, own_output, stable_div
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output, register_op,
+                   register_rule, stable_div_share)
+from .layout import conv_has_bias
 
 T = torch.Tensor
 
@@ -27,6 +29,8 @@ class Bilinear:
     fwd: Callable[[Any, T, T, Optional[T]], T]
     vjp_a: Callable[[Any, T, T, T], T]   # (node, s, a, b) -> dz/da^T s
     vjp_b: Callable[[Any, T, T, T], T]   # (node, s, a, b) -> dz/db^T s
+    #: (node, bias, z.dim()) -> the term ``fwd`` adds to the product, broadcastable to z
+    bias_term: Callable[[Any, T, int], T] = lambda n, b, dim: b
 
 
 def _alpha(n) -> float:
@@ -73,6 +77,10 @@ def _mm_vjp_b(n, s, a, b):
     return g * _alpha(n) if _alpha(n) != 1.0 else g
 
 
+def _beta_bias(n, bias):
+    return bias if _beta(n) == 1.0 else _beta(n) * bias
+
+
 def _baddbmm_fwd(n, a, b, bias):
     z = torch.bmm(a, b)
     if _alpha(n) != 1.0:
@@ -81,18 +89,21 @@ def _baddbmm_fwd(n, a, b, bias):
 
 
 BILINEAR: dict[str, Bilinear] = {
-    "AddmmBackward0": Bilinear(1, 2, 0, _addmm_fwd, _mm_vjp_a, _mm_vjp_b),
+    "AddmmBackward0": Bilinear(1, 2, 0, _addmm_fwd, _mm_vjp_a, _mm_vjp_b,
+                                lambda n, b, dim: _beta_bias(n, b)),
     "MmBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.mm(a, b),
                             lambda n, s, a, b: s @ b.t(), lambda n, s, a, b: a.t() @ s),
     "BmmBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.bmm(a, b),
                              _mm_vjp_a, _mm_vjp_b),
-    "BaddbmmBackward0": Bilinear(1, 2, 0, _baddbmm_fwd, _mm_vjp_a, _mm_vjp_b),
+    "BaddbmmBackward0": Bilinear(1, 2, 0, _baddbmm_fwd, _mm_vjp_a, _mm_vjp_b,
+                                 lambda n, b, dim: _beta(n) * b),
     "MvBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.mv(a, b),
                             lambda n, s, a, b: torch.outer(s, b), lambda n, s, a, b: a.t() @ s),
     "ConvolutionBackward0": Bilinear(
         0, 1, 2, _conv_fwd,
         lambda n, s, a, b: _conv_vjp(n, s, a, b, [True, False, False]),
-        lambda n, s, a, b: _conv_vjp(n, s, a, b, [False, True, False])),
+        lambda n, s, a, b: _conv_vjp(n, s, a, b, [False, True, False]),
+        lambda n, b, dim: b.reshape((1, -1) + (1,) * (dim - 2))),
 }
 
 
@@ -132,6 +143,10 @@ def _neg(t: T) -> T:
     return t.clamp(max=0)
 
 
+# Each variant returns (relevance of x, relevance the node absorbs): the absorbed part from
+# the variant's own terms, Σ (bias term + ε·sign(z))·s over every denominator z it divides by.
+
+
 def _variant_epsilon(run, x, w, b, r, p, z=None):
     return _epsilon(run, x, w, b, [r], p, z)
 
@@ -139,19 +154,31 @@ def _variant_epsilon(run, x, w, b, r, p, z=None):
 def _epsilon(run, x, w, b, rel: list, p, z=None):
     """ε-rule taking the relevance out of ``rel``: it is freed before the VJP (peak memory)."""
     nonneg = z is not None and p.get("output_nonneg", False)
+    hidden = _hidden_bias(run, x, w, z, p)
     z = run.fwd(x, w, b) if z is None else z
-    s = stable_div(rel[0], z, p["epsilon"], nonneg)
-    rel[0] = z = None
+    s, eps_part = stable_div_share(rel[0], z, p["epsilon"], nonneg)
+    absorbed = add_parts([eps_part, run.bias_dot(s, b),
+                          None if hidden is None else dot_sum(hidden, s)], s)
+    rel[0] = z = hidden = None
     g = run.vjp(s, x, w)
     del s
-    return g.mul_(x) if g.shape == x.shape else x * g  # the VJP is a fresh tensor
+    return (g.mul_(x) if g.shape == x.shape else x * g), absorbed  # the VJP is a fresh tensor
+
+
+def _hidden_bias(run, x, w, z, p):
+    """The bias autograd did not keep, where the output that includes it is given: no
+    own-terms form (the value is saved nowhere), so it is read off as ``z − f(x, w)`` (one more
+    forward pass, only for such layers)."""
+    if z is None or not p.get("hidden_bias"):
+        return None
+    return z - run.fwd(x, w, None)
 
 
 def _variant_gamma(run, x, w, b, r, p, z=None):
     """Generalised γ-rule (Zennit's ``Gamma``): the branch follows the sign of the output.
 
     z > 0: contributions x⁺(w + γw⁺) + (b + γb⁺) and x⁻(w + γw⁻); z < 0: x⁺(w + γw⁻) + (b + γb⁻)
-    and x⁻(w + γw⁺); z = 0 receives nothing.
+    and x⁻(w + γw⁺); z = 0 receives nothing (absorbed).
     """
     g, eps = p["gamma"], p["epsilon"]
     xp, xn = _pos(x), _neg(x)
@@ -161,21 +188,25 @@ def _variant_gamma(run, x, w, b, r, p, z=None):
     z = run.fwd(x, w, b) if z is None else z
     z_up = run.fwd(xp, w_up, b_up) + run.fwd(xn, w_dn, None)
     z_dn = run.fwd(xp, w_dn, b_dn) + run.fwd(xn, w_up, None)
-    s_up = (z > 0).to(r.dtype) * stable_div(r, z_up, eps)
-    s_dn = (z < 0).to(r.dtype) * stable_div(r, z_dn, eps)
+    up, dn = (z > 0).to(r.dtype), (z < 0).to(r.dtype)
+    s_up, e_up = stable_div_share(up * r, z_up, eps)
+    s_dn, e_dn = stable_div_share(dn * r, z_dn, eps)
+    absorbed = add_parts([e_up, e_dn, run.bias_dot(s_up, b_up), run.bias_dot(s_dn, b_dn),
+                          ((1 - up - dn) * r).sum()], r)
     return (xp * run.vjp(s_up, x, w_up) + xn * run.vjp(s_up, x, w_dn)
-            + xp * run.vjp(s_dn, x, w_dn) + xn * run.vjp(s_dn, x, w_up))
+            + xp * run.vjp(s_dn, x, w_dn) + xn * run.vjp(s_dn, x, w_up)), absorbed
 
 
 def _signed_parts(run, x, w, b, r, eps, positive: bool = True):
     """Zennit's ZPlus contributions w⁺x⁺ + w⁻x⁻ + b⁺ (``positive``), or the negative ones
-    w⁻x⁺ + w⁺x⁻ + b⁻ that the β term of αβ uses."""
+    w⁻x⁺ + w⁺x⁻ + b⁻ that the β term of αβ uses; with the share they absorb."""
     xp, xn = _pos(x), _neg(x)
     wa, wb = (_pos(w), _neg(w)) if positive else (_neg(w), _pos(w))
     bb = None if b is None else (_pos(b) if positive else _neg(b))
     z = run.fwd(xp, wa, bb) + run.fwd(xn, wb, None)
-    s = stable_div(r, z, eps)
-    return xp * run.vjp(s, x, wa) + xn * run.vjp(s, x, wb)
+    s, eps_part = stable_div_share(r, z, eps)
+    absorbed = add_parts([eps_part, run.bias_dot(s, bb)], s)
+    return xp * run.vjp(s, x, wa) + xn * run.vjp(s, x, wb), absorbed
 
 
 def _variant_zplus(run, x, w, b, r, p, z=None):
@@ -183,22 +214,30 @@ def _variant_zplus(run, x, w, b, r, p, z=None):
 
 
 def _variant_alphabeta(run, x, w, b, r, p, z=None):
-    out = p["alpha"] * _signed_parts(run, x, w, b, r, p["epsilon"])
-    if p["beta"]:
-        out = out - p["beta"] * _signed_parts(run, x, w, b, r, p["epsilon"], positive=False)
-    return out
+    alpha, beta = p["alpha"], p["beta"]
+    pos, a_pos = _signed_parts(run, x, w, b, r, p["epsilon"])
+    out, absorbed = alpha * pos, alpha * a_pos
+    if beta:
+        neg, a_neg = _signed_parts(run, x, w, b, r, p["epsilon"], positive=False)
+        out, absorbed = out - beta * neg, absorbed - beta * a_neg
+    if alpha - beta != 1.0:  # α − β ≠ 1 scales the relevance by design
+        absorbed = absorbed + (1.0 - alpha + beta) * r.sum()
+    return out, absorbed
 
 
 def _variant_flat(run, x, w, b, r, p, z=None):
     ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
     z = run.fwd(ones_x, ones_w, None)
-    return run.vjp(stable_div(r, z, p["epsilon"]), ones_x, ones_w)
+    s, eps_part = stable_div_share(r, z, p["epsilon"])
+    return run.vjp(s, ones_x, ones_w), add_parts([eps_part], s)
 
 
 def _variant_wsquare(run, x, w, b, r, p, z=None):
     ones_x, w2 = torch.ones_like(x), w * w
-    z = run.fwd(ones_x, w2, None if b is None else b * b)  # Zennit squares the bias too
-    return run.vjp(stable_div(r, z, p["epsilon"]), ones_x, w2)
+    b2 = None if b is None else b * b  # Zennit squares the bias too
+    z = run.fwd(ones_x, w2, b2)
+    s, eps_part = stable_div_share(r, z, p["epsilon"])
+    return run.vjp(s, ones_x, w2), add_parts([eps_part, run.bias_dot(s, b2)], s)
 
 
 def _bound(value, x: T) -> T:
@@ -214,9 +253,13 @@ def _variant_zbox(run, x, w, b, r, p, z=None):
     wp, wn = _pos(w), _neg(w)
     bp = None if b is None else _pos(b)
     bn = None if b is None else _neg(b)
+    hidden = _hidden_bias(run, x, w, z, p)
+    # the bias terms cancel in the denominator (b − b⁺ − b⁻ = 0): only ε and a hidden bias absorb
     z = (run.fwd(x, w, b) if z is None else z) - run.fwd(low, wp, bp) - run.fwd(high, wn, bn)
-    s = stable_div(r, z, p["epsilon"])
-    return x * run.vjp(s, x, w) - low * run.vjp(s, low, wp) - high * run.vjp(s, high, wn)
+    s, eps_part = stable_div_share(r, z, p["epsilon"])
+    absorbed = add_parts([eps_part, None if hidden is None else dot_sum(hidden, s)], s)
+    return x * run.vjp(s, x, w) - low * run.vjp(s, low, wp) - high * run.vjp(s, high, wn), \
+        absorbed
 
 
 #: variants whose relevance for the activation is ``x ⊙ (finite factors)``
@@ -243,7 +286,7 @@ def p_attention(info: NodeInfo) -> str:
 def _has_bias(info: NodeInfo) -> bool:
     """A bias operand exists (Addmm always has one; a convolution says so in its saved sizes)."""
     if info.node_type == "ConvolutionBackward0":
-        return getattr(info.node, "_saved_bias_sym_sizes_opt", None) is not None
+        return conv_has_bias(info.node)
     return True
 
 
@@ -265,6 +308,14 @@ class _Oriented:
             return self.spec.vjp_a(self.node, s, x, w)
         return self.spec.vjp_b(self.node, s, w, x)
 
+    def bias_dot(self, s: T, b: Optional[T]) -> Optional[T]:
+        """Σ (bias term)·s: the share the bias absorbs (``None`` without a bias)."""
+        return None if b is None else _bias_dot(self.spec, self.node, s, b)
+
+
+def _bias_dot(spec: Bilinear, node: Any, s: T, b: T) -> T:
+    return dot_sum(spec.bias_term(node, b, s.dim()), s)
+
 
 @register_rule
 class LinearRule(Rule):
@@ -276,6 +327,9 @@ class LinearRule(Rule):
 
     def proportional(self, p) -> bool:
         return p.get("mode") == "bilinear" or p.get("variant") in _X_PROPORTIONAL_VARIANTS
+
+    def absorbs(self, p) -> bool:
+        return True  # bias, ε and (γ, αβ) branch shares
 
     def decide(self, info: NodeInfo) -> Decision:
         spec = BILINEAR[info.node_type]
@@ -296,10 +350,14 @@ class LinearRule(Rule):
         assumption = ""
         if spec.bias is not None and info.none_inputs[spec.bias] and _has_bias(info):
             assumption = (f"{info.node_type}: its bias does not require grad, so autograd did "
-                          "not keep it; the ε-rule uses the output value where a consumer saved "
-                          "it, otherwise the bias is taken as 0")
+                          "not keep it, nor did any consumer keep the layer's output: the bias "
+                          "is taken as 0")
+        params = {"mode": mode, "reuse_output": True}
+        if assumption:
+            params["hidden_bias"] = True  # the output, where given, includes the bias
         return Decision(values=tuple(values), send=tuple(send),
-                        params={"mode": mode, "reuse_output": True}, assumption=assumption)
+                        params=params, assumption=assumption,
+                        lost_constant=bool(assumption))
 
     def run(self, node, rel, vals, p):
         spec = BILINEAR[p["node_type"]]
@@ -311,20 +369,29 @@ class LinearRule(Rule):
         out = [None] * len(p["send"])
         mode = p["mode"]
         z_saved = own_output(vals, p)  # the forward output, when the graph holds it
+        if z_saved is not None and z_saved.dtype != r.dtype and not p.get("hidden_bias"):
+            # a half-precision output is rounded: recomputed in the relevance dtype, the
+            # denominator is the sum the numerators add up to (conservation to float round-off)
+            z_saved = None
         if mode == "bilinear":
             z = as_rel(z_saved, r.dtype) if z_saved is not None else spec.fwd(node, a, b, bias)
-            s = stable_div(r, z, p["epsilon"], z_saved is not None and p.get("output_nonneg", False))
+            s, eps_part = stable_div_share(
+                r, z, p["epsilon"], z_saved is not None and p.get("output_nonneg", False))
+            hidden = None if z_saved is None or not p.get("hidden_bias") else \
+                z - spec.fwd(node, a, b, None)  # no own-terms form: see _hidden_bias
+            absorbed = add_parts([eps_part, None if bias is None else _bias_dot(spec, node, s, bias),
+                                  None if hidden is None else dot_sum(hidden, s)], s)
             out[spec.a] = 0.5 * a * spec.vjp_a(node, s, a, b)
             out[spec.b] = 0.5 * b * spec.vjp_b(node, s, a, b)
-            return out
+            return out + [absorbed]
         x_is_a = mode == "a"
         run = _Oriented(spec, node, x_is_a)
         x, w = (a, b) if x_is_a else (b, a)
         z = as_rel(z_saved, r.dtype) if z_saved is not None else None
         if p["variant"] == "epsilon":
             del r  # the executor's list holds the only other reference: _epsilon drops it
-            y = _epsilon(run, x, w, bias, rel, p, z)
+            y, absorbed = _epsilon(run, x, w, bias, rel, p, z)
         else:
-            y = VARIANTS[p["variant"]](run, x, w, bias, r, p, z)
+            y, absorbed = VARIANTS[p["variant"]](run, x, w, bias, r, p, z)
         out[spec.a if x_is_a else spec.b] = y
-        return out
+        return out + [absorbed]

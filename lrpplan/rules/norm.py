@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, own_output, stable_div
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output, register_op,
+                   register_rule, stable_div_share)
 
 
 def _layer_norm_parts(n, dtype):
     x = as_rel(n._saved_input, dtype)
     k = len(n._saved_normalized_shape)
-    mean = as_rel(n._saved_result1, dtype)
+    mean = n._saved_result1
+    # a half-precision mean is rounded: the exact mean keeps the centring map's relevance equal
+    # to Σ (y − b)·s (conservation); the same mean up to that rounding
+    mean = as_rel(mean, dtype) if mean.dtype == dtype else \
+        x.mean(tuple(range(-k, 0)), keepdim=True)
     rstd = as_rel(n._saved_result2, dtype)
     w = n._saved_weight
     b = n._saved_bias
@@ -38,6 +43,9 @@ class CentredNorm(Rule):
     name = "centred_norm"
     defaults = {"epsilon": 1e-6}
 
+    def absorbs(self, p) -> bool:
+        return True  # the bias and ε shares: Σ (b + ε·sign(y))·R/stab(y)
+
     def decide(self, info: NodeInfo) -> Decision:
         send = (info.live_inputs[0],) + (False,) * (info.n_inputs - 1)
         values = (2,) if info.node_type == "NativeGroupNormBackward0" and info.n_inputs > 2 \
@@ -47,16 +55,19 @@ class CentredNorm(Rule):
     def run(self, node, rel, vals, p):
         r = rel[0]
         if p["node_type"] == "NativeGroupNormBackward0":
-            return [_group_norm_rel(node, r, vals, p["epsilon"]), None, None][:len(p["send"])]
+            rx, absorbed = _group_norm_rel(node, r, vals, p["epsilon"])
+            return [rx, None, None][:len(p["send"])] + [absorbed]
         x, k, mean, scale, b = _layer_norm_parts(node, r.dtype)
         y = (x - mean) * scale
         if b is not None:
             y = y + b
-        c = scale * stable_div(r, y, p["epsilon"])
+        s, eps_part = stable_div_share(r, y, p["epsilon"])
+        absorbed = add_parts([eps_part, None if b is None else dot_sum(b, s)], s)
+        c = scale * s
         dims = tuple(range(-k, 0))
         out = [None] * len(p["send"])
         out[0] = x * (c - c.mean(dims, keepdim=True))
-        return out
+        return out + [absorbed]
 
 
 def _group_norm_rel(n, r, vals, eps):
@@ -64,7 +75,9 @@ def _group_norm_rel(n, r, vals, eps):
     N, C, G = int(n._saved_N), int(n._saved_C), int(n._saved_group)
     shape = x.shape
     xg = x.reshape(N, G, -1)
-    mean = as_rel(n._saved_result1, r.dtype).reshape(N, G, 1)
+    mean = n._saved_result1
+    mean = as_rel(mean, r.dtype).reshape(N, G, 1) if mean.dtype == r.dtype else \
+        xg.mean(-1, keepdim=True)  # exact where the saved one is rounded (half precision)
     rstd = as_rel(n._saved_result2, r.dtype).reshape(N, G, 1)
     w = n._saved_weight
     bshape = (1, C) + (1,) * (len(shape) - 2)
@@ -73,9 +86,12 @@ def _group_norm_rel(n, r, vals, eps):
     y = ((xg - mean) * rstd).reshape(shape) * wc
     bias = vals[2] if len(vals) > 2 else None
     if bias is not None:
-        y = y + as_rel(bias, r.dtype).reshape(bshape)
-    c = (wc * stable_div(r, y, eps)).reshape(N, G, -1) * rstd
-    return (xg * (c - c.mean(-1, keepdim=True))).reshape(shape)
+        bias = as_rel(bias, r.dtype).reshape(bshape)
+        y = y + bias
+    s, eps_part = stable_div_share(r, y, eps)
+    absorbed = add_parts([eps_part, None if bias is None else dot_sum(bias, s)], s)
+    c = (wc * s).reshape(N, G, -1) * rstd
+    return (xg * (c - c.mean(-1, keepdim=True))).reshape(shape), absorbed
 
 
 def _group_norm_forward(n, vals):
@@ -118,6 +134,9 @@ class AffineNorm(Rule):
     name = "affine_norm"
     defaults = {"epsilon": 1e-6}
 
+    def absorbs(self, p) -> bool:
+        return True  # the shift and ε shares: Σ (b − a·μ + ε·sign(y))·R/stab(y)
+
     def decide(self, info: NodeInfo) -> Decision:
         send = (info.live_inputs[0],) + (False,) * (info.n_inputs - 1)
         values = (2,) if info.n_inputs > 2 and not info.none_inputs[2] else ()
@@ -129,14 +148,27 @@ class AffineNorm(Rule):
         a, mean, shape = _bn_affine(node, r.dtype)
         ax = a * x
         y = own_output(vals, p)  # the output where the graph holds it
+        bias = vals[2] if len(vals) > 2 else None
+        if y is not None and y.dtype != r.dtype and bias is not None:
+            y = None  # rounded (half precision): recomputed in the relevance dtype
         nonneg = y is not None and p.get("output_nonneg", False)
+        shift = -a * mean  # y = a·x + shift
+        if bias is not None:
+            shift = shift + as_rel(bias, r.dtype).reshape(shape)
+        elif y is not None and not nonneg:
+            # a bias autograd did not keep is in the given output: no own-terms form, so the
+            # shift is read off the output at one position per channel (y − a·x there)
+            first = (0, slice(None)) + (0,) * (x.dim() - 2)
+            shift = (as_rel(y[first], r.dtype) - ax[first]).reshape(shape)
         if y is None:
             y = ax - a * mean
-            if len(vals) > 2 and vals[2] is not None:
-                y = y + as_rel(vals[2], r.dtype).reshape(shape)
+            if bias is not None:
+                y = y + as_rel(bias, r.dtype).reshape(shape)
+        s, eps_part = stable_div_share(r, as_rel(y, r.dtype), p["epsilon"], nonneg)
+        absorbed = add_parts([eps_part, dot_sum(shift, s)], s)
         out = [None] * len(p["send"])
-        out[0] = ax.mul_(stable_div(r, as_rel(y, r.dtype), p["epsilon"], nonneg))
-        return out
+        out[0] = ax.mul_(s)
+        return out + [absorbed]
 
 
 def _bn_forward(n, vals):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
+from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div_share
 from .routing import _dim, out_shape
 
 
@@ -20,6 +20,9 @@ class LinearMap(Rule):
     name = "linear_map"
     defaults = {"epsilon": 1e-6}
 
+    def absorbs(self, p) -> bool:
+        return p["epsilon"] != 0.0  # the ε share (no bias): Σ ε·sign(z)·R/stab(z)
+
     def decide(self, info: NodeInfo) -> Decision:
         send = (info.live_inputs[0] and not info.none_inputs[0],) + (False,) * (info.n_inputs - 1)
         return Decision(values=(0,), send=send)
@@ -27,14 +30,18 @@ class LinearMap(Rule):
     def run(self, node, rel, vals, p):
         r = rel[0]
         x = vals[0]
-        z = p["forward"](node, [x])[0]
-        s = stable_div(r, as_rel(z, r.dtype), p["epsilon"])
-        g = node(s.to(x.dtype) if x.dtype != s.dtype and x.dtype in (torch.float16, torch.bfloat16)
-                 else s)
+        # forward and VJP in the relevance dtype where the node allows it (a half-precision
+        # VJP rounds the relevance it sends: Σ sent would miss Σ received by ~1e-3)
+        z = p["forward"](node, [as_rel(x, r.dtype)])[0]
+        s, eps_part = stable_div_share(r, as_rel(z, r.dtype), p["epsilon"])
+        try:
+            g = node(s)
+        except RuntimeError:  # kernels that insist on the forward dtype
+            g = node(s.to(x.dtype))
         g = g[0] if isinstance(g, tuple) else g
         out = [None] * len(p["send"])
         out[0] = as_rel(x, r.dtype) * as_rel(g, r.dtype)
-        return out
+        return out + [eps_part] if eps_part is not None else out
 
 
 def _dims(n):
@@ -120,6 +127,9 @@ class ShareRule(Rule):
     name = "share"
     defaults = {"epsilon": 1e-6}
 
+    def absorbs(self, p) -> bool:
+        return p["epsilon"] != 0.0  # the ε share: Σ ε·R/(Σc + ε), the total Σc being ≥ 0
+
     def decide(self, info: NodeInfo) -> Decision:
         return Decision(values=(0,), send=(info.live_inputs[0],) + (False,) * (info.n_inputs - 1))
 
@@ -138,7 +148,9 @@ class ShareRule(Rule):
         if not keep and r.dim() < x.dim():
             for d in sorted(d % x.dim() for d in dims):
                 r = r.unsqueeze(d)
-        return [c * stable_div(r, total, p["epsilon"])] + [None] * (len(p["send"]) - 1)
+        s, eps_part = stable_div_share(r, total, p["epsilon"], nonneg=True)
+        out = [c * s] + [None] * (len(p["send"]) - 1)
+        return out + [eps_part] if eps_part is not None else out
 
 
 def _vector_norm(n, v):

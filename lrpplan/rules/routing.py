@@ -6,11 +6,12 @@ Also: the declared fallbacks ``identity``/``route``/``absorb`` and the opaque ``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .base import Decision, MaybeTensor, NodeInfo, Rule, register_op, register_rule
+from ..errors import RuleError
+from .base import OPS, Decision, MaybeTensor, NodeInfo, Rule, add_parts, register_op, register_rule
 
 
 def _dim(v: int) -> int:
@@ -26,12 +27,26 @@ def _send_live(info: NodeInfo) -> tuple[bool, ...]:
     return tuple(live and not none for live, none in zip(info.live_inputs, info.none_inputs))
 
 
+def _fills(p) -> bool:
+    spec = OPS.get(p.get("node_type", ""))
+    return spec is not None and spec.fills
+
+
 @register_rule
 class Route(Rule):
-    """Relevance is routed exactly like the gradient: ``R_in = VJP(R_out)``."""
+    """Relevance is routed exactly like the gradient: ``R_in = VJP(R_out)``.
+
+    Conserving where every input is sent; otherwise the node absorbs the share routed to the
+    inputs it does not send (an operand leading to no target, a constant) and, for ops that fill
+    positions with a constant (padding, ``masked_fill``, ``where`` with an untracked operand),
+    the relevance at those positions.
+    """
 
     name = "route"
     routes_relevance = True
+
+    def absorbs(self, p) -> bool:
+        return not all(p["send"]) or _fills(p)
 
     def decide(self, info: NodeInfo) -> Decision:
         return Decision(values=(), send=_send_live(info))
@@ -46,16 +61,58 @@ class Route(Rule):
         if not isinstance(grads, tuple):
             grads = (grads,)
         send = p["send"]
-        return [g.to(ref.dtype) if (s and g is not None) else None for g, s in zip(grads, send)]
+        out: list[MaybeTensor] = [g.to(ref.dtype) if (s and g is not None) else None
+                                  for g, s in zip(grads, send)]
+        out += [None] * (len(send) - len(out))
+        if not self.absorbs(p):
+            return out
+        # the share of the inputs not sent, where the gradient gives it
+        parts = [g.sum().to(ref.dtype) for g, s in zip(grads, send) if g is not None and not s]
+        parts.append(self._constant_share(node, rel, grads, p))
+        return out + [add_parts(parts, ref)]
+
+    def _constant_share(self, node, rel, grads, p) -> Optional[torch.Tensor]:
+        if _fills(p) or any(g is None for g in grads):
+            return _unrouted(node, rel, grads, p)
+        return None
+
+
+def _unrouted(node, rel, grads, p) -> Optional[torch.Tensor]:
+    """Σ relevance at the output positions the gradient routes to no input (a constant's
+    share): ``Σ R·(1 − f(1))`` with ``f`` the op's forward on ones for every input the gradient
+    reaches (zeros elsewhere); exact for ops that copy values (each output position holds one
+    input value or a constant)."""
+    fwd = p.get("forward")
+    if fwd is None:
+        return None
+    ins = [torch.ones_like(g) if g is not None else None for g in grads]
+    try:
+        kept = fwd(node, ins)
+    except Exception:  # noqa: BLE001 - a forward that needs every operand: nothing to book
+        return None
+    parts = [(r * (1 - k.to(r.dtype))).sum() for r, k in zip(rel, kept) if r is not None]
+    return add_parts(parts, next(r for r in rel if r is not None))
 
 
 @register_rule
 class Identity(Rule):
-    """Element-wise ops: all relevance of the output goes to input 0 unchanged."""
+    """Element-wise ops: all relevance of the output goes to input 0 unchanged.
+
+    A node with explained inputs other than input 0 is an error (their relevance would be
+    dropped silently): ``route`` or a rule fits such a node.
+    """
 
     name = "identity"
 
     def decide(self, info: NodeInfo) -> Decision:
+        live = [i for i, s in enumerate(_send_live(info)) if s]
+        if live and live != [0]:
+            raise RuleError(
+                f"the rule 'identity' on {info.node_type} ({info.position or 'a node'}) would "
+                f"send all relevance to input 0 and drop what belongs to input(s) "
+                f"{[i for i in live if i]}, which lead to explained inputs: declare 'route' "
+                "(follow the gradient) for this node type, or write a rule for it (docs/rules.md, "
+                "'Custom rules')")
         send = tuple(i == 0 and s for i, s in enumerate(_send_live(info)))
         return Decision(values=(), send=send)
 
@@ -72,11 +129,15 @@ class Absorb(Rule):
 
     name = "absorb"
 
+    def absorbs(self, p) -> bool:
+        return True
+
     def decide(self, info: NodeInfo) -> Decision:
         return Decision(values=(), send=(False,) * info.n_inputs)
 
     def run(self, node, rel, vals, p):
-        return [None] * len(p["send"])
+        ref = next(r for r in rel if r is not None)
+        return [None] * len(p["send"]) + [add_parts([r.sum() for r in rel if r is not None], ref)]
 
 
 @register_rule
@@ -86,6 +147,9 @@ class CopySlicesRule(Route):
     name = "copyslices"
     routes_relevance = False  # the written region's values are not the input's
 
+    def absorbs(self, p) -> bool:
+        return True  # the written region's share when what was written is not sent
+
     def decide(self, info: NodeInfo) -> Decision:
         return Decision(
             values=(), send=_send_live(info),
@@ -93,6 +157,80 @@ class CopySlicesRule(Route):
                        "exact for copy_/fill_/index assignment, an approximation for in-place "
                        "arithmetic on a view",
         )
+
+    def _constant_share(self, node, rel, grads, p) -> Optional[torch.Tensor]:
+        if len(grads) > 1 and all(g is not None for g in grads[1:]):
+            return None  # the gradient gives the written region to the sources
+        # a constant was written (fill_, a tensor without grad): no own-terms form, the node
+        # keeps the region to itself; it is where the base's gradient of ones is 0, so its
+        # share is Σ R·(1 − VJP_base(1))
+        ones = node(torch.ones_like(rel[0]))
+        base = ones[0] if isinstance(ones, tuple) else ones
+        return (rel[0] * (1 - base.to(rel[0].dtype))).sum()
+
+
+def suggest_fallback(node: Any, input_shapes: Sequence[Optional[Sequence[int]]]
+                     ) -> tuple[Optional[str], str]:
+    """The declared fallback that fits a node without a rule, and why (for the error message).
+
+    ``route`` where the node's gradient routes relevance: a cheap probe at trace time sends a
+    positive random relevance back through the node, which must return non-negative values of
+    the inputs' shapes with the same sum (pooling by max, padding, indexing do; scaling or mixing
+    ops do not). Else ``identity`` where the node has one tracked input of the output's shape.
+    Else ``None``: neither fits (then ``absorb`` or a rule written for the node).
+
+    ``input_shapes``: the shape of each tracked input (``None`` for an untracked constant).
+    """
+    meta = list(getattr(node, "_input_metadata", ()))
+    out_shapes = [tuple(m.shape) for m in meta]
+    tracked = [tuple(s) for s in input_shapes if s is not None]
+    if _routes(node, meta, input_shapes):
+        return "route", ("its gradient routes relevance: a positive relevance comes back "
+                         "non-negative with the same sum")
+    if len(tracked) == 1 and len(out_shapes) == 1 and tracked[0] == out_shapes[0]:
+        return "identity", ("one input of the output's shape: relevance passes unchanged, "
+                            "right for element-wise ops")
+    why = []
+    if len(tracked) != 1 or len(out_shapes) != 1:
+        why.append(f"'identity' needs one input and one output, it has {len(tracked)} and "
+                   f"{len(out_shapes)}")
+    elif tracked[0] != out_shapes[0]:
+        why.append(f"'identity' needs the input's shape {list(tracked[0])} to be the output's "
+                   f"{list(out_shapes[0])}")
+    why.append("'route' needs a gradient that routes relevance (moves it without scaling), "
+               "and this one does not")
+    return None, "; ".join(why)
+
+
+def _routes(node: Any, meta: Sequence[Any], input_shapes: Sequence[Optional[Sequence[int]]]
+            ) -> bool:
+    if not meta:
+        return False
+    gen = torch.Generator().manual_seed(0)  # no global RNG state is touched
+    rel = []
+    for m in meta:
+        if not (m.dtype.is_floating_point or m.dtype.is_complex):
+            return False
+        r = torch.rand(tuple(m.shape), generator=gen, dtype=torch.float64) + 0.5
+        rel.append(r.to(device=m.device, dtype=m.dtype))
+    try:
+        grads = node(*rel)
+    except Exception:  # noqa: BLE001 - only a hint: a node that cannot be probed does not route
+        return False
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    total = sum(float(r.double().sum()) for r in rel)
+    got = 0.0
+    tol = 1e-2 if any(m.dtype in (torch.float16, torch.bfloat16) for m in meta) else 1e-5
+    for g, shape in zip(grads, list(input_shapes) + [None] * len(grads)):
+        if g is None:
+            continue
+        if shape is not None and tuple(g.shape) != tuple(shape):
+            return False
+        g = g.double()
+        if bool((g < -tol * g.abs().max().clamp(min=1e-30)).any()):
+            return False
+        got += float(g.sum())
+    return abs(got - total) <= tol * total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +300,7 @@ def _as_strided(node, vals):
 
 
 register_op(["AsStridedBackward0", "AsStridedBackward1"], "route", forward=_as_strided)
-register_op("ConstantPadNdBackward0", "route",
+register_op("ConstantPadNdBackward0", "route", fills=True,
             forward=lambda n, v: [torch.nn.functional.pad(v[0], list(n._saved_pad))])
 register_op("IndexBackward0", "route", forward=_index)
 register_op("IndexSelectBackward0", "route", key_attrs=("dim",),
@@ -184,7 +322,7 @@ def _masked_fill(node, vals):
 
 
 register_op("WhereBackward0", "route", forward=_where, forward_inputs=(0, 1), broadcasts=False)
-register_op("MaskedFillBackward0", "route", forward=_masked_fill, forward_inputs=(0,))
+register_op("MaskedFillBackward0", "route", forward=_masked_fill, forward_inputs=(0,), fills=True)
 def _max_pool(node, vals):
     x = vals[0]
     fn = {3: torch.nn.functional.max_pool1d, 4: torch.nn.functional.max_pool2d,

@@ -11,7 +11,9 @@ promise testable, for lrpplan's own rules and for any user model:
 - hypothesis strategies: :func:`architectures` (random but valid-by-construction models),
   :func:`inputs_for` and :func:`targets_for` (inputs and targets of a given model);
 - checks usable with or without hypothesis: :func:`assert_conserves`,
-  :func:`assert_replay_matches_trace`, :func:`conservation_report`;
+  :func:`assert_replay_matches_trace`, :func:`assert_shape_invariance` (a plan compiled at
+  some sizes and replayed at others, in memory and from disk, equals a fresh trace),
+  :func:`conservation_report`;
 - settings profiles: :func:`register_profiles` (``"ci"``: derandomised, a few dozen examples;
   ``"long"``: hundreds) and :func:`profile` (the one named by ``HYPOTHESIS_PROFILE``).
 
@@ -32,17 +34,21 @@ Examples
 from __future__ import annotations
 
 from .architecture import (
-    Architecture, GeneratedModel, build, example_inputs,
+    Architecture, GeneratedModel, build, example_inputs, resized,
 )
 from .blocks import (
-    ACTIVATIONS, Act, Attention, AvgPool, BatchNorm, Block, Conv2d, Embed, Expand, FAMILIES,
-    GatedMLP, Gather, GroupNorm, Index, IndexSelect, InputSpec, LayerNorm, Linear, MaxPool,
+    ACTIVATIONS, Act, Attention, AvgPool, BatchNorm, Block, Conv2d, Embed, Excite, Expand,
+    FAMILIES, GatedMLP, Gather, GroupNorm, Index, IndexSelect, InputSpec, LayerNorm, Linear,
+    MaxPool,
     Permute, Pool, RMSNorm, Repeat, Reshape, Residual, Shared, Slice, SplitCat, Stack,
     Transpose, ZERO_PRESERVING,
 )
 from .checks import (
     ConservationReport, ReportRow, assert_conserves, assert_replay_matches_trace,
     conservation_report,
+)
+from .invariance import (
+    ShapeReplay, assert_shape_invariance,
 )
 from .profiles import (
     profile, register_profiles,
@@ -56,14 +62,14 @@ __all__ = [
     "Architecture", "InputSpec", "Block", "Linear", "Conv2d", "Act", "LayerNorm", "RMSNorm",
     "BatchNorm", "GroupNorm", "GatedMLP", "Attention", "Residual", "Shared", "Embed",
     "Reshape", "Transpose", "Permute", "SplitCat", "Stack", "Slice", "IndexSelect", "Index",
-    "Gather", "Expand", "Repeat", "MaxPool", "AvgPool", "Pool", "GeneratedModel",
-    "build", "example_inputs",
+    "Gather", "Expand", "Repeat", "MaxPool", "AvgPool", "Pool", "Excite", "GeneratedModel",
+    "build", "example_inputs", "resized",
     # strategies
     "FAMILIES", "ACTIVATIONS", "ZERO_PRESERVING", "architectures", "dtypes", "inputs_for",
     "targets_for",
     # checks
     "ReportRow", "ConservationReport", "assert_conserves", "assert_replay_matches_trace",
-    "conservation_report",
+    "conservation_report", "ShapeReplay", "assert_shape_invariance",
     # settings
     "register_profiles", "profile",
 ]

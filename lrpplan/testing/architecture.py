@@ -164,7 +164,7 @@ def build(arch: Architecture, dtype: torch.dtype = torch.float32, seed: int = 0)
 
 
 def example_inputs(arch: Architecture, batch: int = 2, dtype: torch.dtype = torch.float32,
-                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+                   seed: int = 0, size: Optional[int] = None) -> tuple[torch.Tensor, ...]:
     """Random inputs for ``arch``: standard normal floats, uniform token ids.
 
     Parameters
@@ -177,6 +177,11 @@ def example_inputs(arch: Architecture, batch: int = 2, dtype: torch.dtype = torc
         dtype of the float inputs (token ids are ``torch.long``).
     seed:
         seed of the private generator.
+    size:
+        another sequence length (``(T, D)`` and token ``(T,)`` inputs) or spatial size
+        (``(C, H, W)`` inputs get ``H = W = size``) than the architecture's; ``(D,)`` inputs
+        keep their shape. The model accepts it where no block depends on that size (a
+        :class:`Reshape` or a flattening :class:`Pool` may not): try a forward pass.
 
     Returns
     -------
@@ -184,7 +189,21 @@ def example_inputs(arch: Architecture, batch: int = 2, dtype: torch.dtype = torc
         one tensor per :attr:`Architecture.inputs` entry.
     """
     gen = torch.Generator().manual_seed(seed)
-    return tuple(_random_input(spec, batch, dtype, gen) for spec in arch.inputs)
+    specs = arch.inputs if size is None else tuple(resized(s, size) for s in arch.inputs)
+    return tuple(_random_input(spec, batch, dtype, gen) for spec in specs)
+
+
+def resized(spec: InputSpec, size: int) -> InputSpec:
+    """``spec`` with sequence length ``size`` (``(T, D)``, token ``(T,)``) or spatial size
+    ``size × size`` (``(C, H, W)``); a float ``(D,)`` input is returned unchanged."""
+    shape = tuple(spec.shape)
+    if spec.tokens:
+        shape = (size,) + shape[1:]
+    elif len(shape) == 2:
+        shape = (size, shape[1])
+    elif len(shape) == 3:
+        shape = (shape[0], size, size)
+    return InputSpec(shape, spec.vocab)
 
 
 def _random_input(spec: InputSpec, batch: int, dtype: torch.dtype, gen: torch.Generator,

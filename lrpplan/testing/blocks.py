@@ -425,6 +425,26 @@ class Act(Block):
         return _Fn(self)
 
 
+@dataclass(frozen=True)
+class Excite(Block):
+    """A squeeze-excitation scale: ``x ⊙ fn(mean(x))`` with the mean over the sequence of a
+    ``(T, D)`` hidden tensor or over the feature map of a ``(C, H, W)`` one (``keepdim``), so
+    the scale is broadcast along those dims; at sequence length 1 or a 1×1 map the two factors
+    have the same shape. Not drawn by :func:`architectures`; insert it into an architecture."""
+
+    fn: str = "sigmoid"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"Excite needs a (T, D) or (C, H, W) hidden tensor, not "
+                             f"{tuple(x.shape[1:])}")
+        dims = (-2, -1) if x.dim() == 4 else (-2,)
+        return x * _ACT_FN[self.fn](x.mean(dims, keepdim=True))
+
+    def make(self) -> nn.Module:
+        return _Fn(self)
+
+
 # ---------------------------------------------------------------------------------------------
 # shape and routing ops (parameter-free)
 

@@ -1,0 +1,105 @@
+"""Relevance is finite wherever the explained output is finite: the check and the locator.
+
+:func:`check_finite` costs one reduction per result and one over the ledger sums, and a single
+host synchronisation, on every explanation. Only when it fails does it re-run the plan on the
+same live graph with the same seeds under a :class:`CheckingExecutor`, which checks every
+deposit as it is made: the first non-finite deposit comes from the first step that received
+finite relevance (everything before it was checked) and sent a non-finite one, and the
+:class:`~lrpplan.errors.NonFiniteError` names that node.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from .errors import NonFiniteError
+from .graph import Graph
+from .plan import Plan
+from .replay import BoundStep, Executor, bind
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a (nested) tuple or list, e.g. a ledger row's sums."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One 0-d boolean: every element of every tensor is finite (no host synchronisation)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.dim() > 0]
+    scalars = [t for t in tensors if t.dim() == 0]
+    if scalars:
+        try:
+            flags.append(torch.isfinite(torch.stack(scalars)).all())
+        except RuntimeError:  # mixed dtypes or devices: one by one
+            flags += [torch.isfinite(t) for t in scalars]
+    if not flags:
+        return torch.ones((), dtype=torch.bool)
+    if len({f.device for f in flags}) > 1:
+        flags = [f.cpu() for f in flags]
+    return torch.stack(flags).all()
+
+
+class CheckingExecutor(Executor):
+    """An :class:`~lrpplan.replay.Executor` that checks every deposit a rule makes (and the
+    rule's ledger sums) and raises :class:`~lrpplan.errors.NonFiniteError` at the first
+    non-finite one, naming the node. Slow (a synchronisation per deposit): for locating only."""
+
+    def __init__(self, graph: Graph, n_rel: int, n_val: int, n_targets: int) -> None:
+        super().__init__(graph, n_rel, n_val, n_targets)
+        self._step: Optional[BoundStep] = None
+
+    def _fail(self, b: BoundStep, what: str) -> None:
+        s = b.step
+        node_type = self.graph.types[s.node]
+        raise NonFiniteError(
+            f"relevance became non-finite at {node_type} ({self.graph.describe(s.node)}), "
+            f"rule {s.rule!r}: the relevance it received was finite, {what} holds NaN or "
+            "infinity, though the explained output is finite",
+            node=s.node, node_type=node_type, rule=s.rule)
+
+    def deposit(self, slot: int, t: torch.Tensor, sums: Optional[list] = None) -> None:
+        super().deposit(slot, t, sums)
+        b = self._step
+        if b is not None and not bool(torch.isfinite(t).all()):
+            pos = b.step.rel_out.index(slot) if slot in b.step.rel_out else -1
+            self._fail(b, f"the relevance it sent to input {pos}")
+
+    def rule(self, b: BoundStep) -> None:
+        self._step = b
+        try:
+            super().rule(b)
+        finally:
+            self._step = None
+        rows = getattr(self, "rows", None)  # the rule steps' rows, as the executor keeps them
+        if not isinstance(rows, list):
+            rows = list(self.ledger_rows)
+        row = rows[-1] if rows else None
+        if row is not None and row[0] == b.step.node and \
+                not bool(_all_finite(list(_tensors(row[1:])))):
+            self._fail(b, "its ledger sums (relevance in, out or absorbed)")
+
+
+def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Executor) -> None:
+    """Raise :class:`~lrpplan.errors.NonFiniteError` if a result of ``ex`` (an executor that ran
+    ``plan`` on ``graph`` from ``seeds``) or one of its ledger sums is not finite.
+
+    The check is one reduction per result plus one over the ledger sums; only when it fails is
+    the plan re-run, with every deposit checked, to name the first node that produced a
+    non-finite value. ``seeds`` must be finite (the caller checks them).
+    """
+    parts = [r for r in ex.results if r is not None]
+    parts += [t for row in getattr(ex, "ledger_rows", ()) for t in _tensors(row[1:])]
+    if bool(_all_finite(parts)):
+        return
+    checker = CheckingExecutor(graph, plan.n_rel, plan.n_val, len(plan.targets))
+    for slot, seed in zip(plan.header["roots"], seeds):
+        checker.deposit(slot, seed)
+    checker.run(bind(plan.steps))
+    raise NonFiniteError(
+        "the relevance (or a ledger sum) holds NaN or infinity though the explained output is "
+        "finite, and a checked re-run of the plan did not reproduce it at any node")
