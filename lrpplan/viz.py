@@ -7,7 +7,8 @@ Zennit users know from ``zennit.image.imgify``).
 Text relevance uses the same colour map: :func:`tokens_html` writes an HTML page with each
 token's background coloured, :func:`tokens_terminal` renders the tokens with 24-bit ANSI
 background colours (or as plain text with the numbers when ``NO_COLOR`` is set).
-:func:`grid` puts several image heatmaps side by side.
+:func:`grid` puts several image heatmaps side by side; :func:`heatmap_terminal` draws them with
+coloured block characters (or plain characters) for a terminal.
 
 Only :func:`heatmap`, :func:`overlay` and :func:`grid` need Pillow, an optional dependency
 (``pip install lrpplan[viz]``); :func:`colorize` and the token renderings are numpy only.
@@ -25,8 +26,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["COLORMAPS", "colorize", "grid", "heatmap", "normalize", "overlay",
-           "tokens_html", "tokens_terminal"]
+__all__ = ["COLORMAPS", "colorize", "grid", "heatmap", "heatmap_terminal", "normalize",
+           "overlay", "tokens_html", "tokens_terminal"]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -477,3 +478,103 @@ def _ansi(token: str, bg: Sequence[int]) -> str:
     fg = _text_rgb(bg)
     return ("\x1b[48;2;{};{};{}m\x1b[38;2;{};{};{}m".format(*(int(c) for c in bg), *fg)
             + token.replace("\x1b", "\\x1b") + "\x1b[0m")  # no escape sequences from tokens
+
+
+# --------------------------------------------------------------------------------- terminal
+
+#: plain characters for signed values: strongly negative, negative, about zero, positive,
+#: strongly positive (``|v| < 0.1`` of the map's ``max |R|`` is "about zero", ``>= 0.4`` "strongly")
+SIGNED_CHARS = "=- +#"
+#: plain characters for unsigned values in [0, 1], darkest to brightest
+UNSIGNED_CHARS = " .:-=+*#%@"
+
+
+def heatmap_terminal(maps: Any, titles: Optional[Sequence[str]] = None,
+                     color: Optional[bool] = None, cmap: str = "bwr", signed: bool = True,
+                     columns: int = 80, gap: int = 2) -> str:
+    """Several small heatmaps side by side as terminal text, wrapped at ``columns``.
+
+    In colour each pixel is one half-block character (``▀``): its 24-bit ANSI foreground is the
+    upper pixel, its background the lower one, so an ``H×W`` map takes ``ceil(H/2)`` lines of
+    ``W`` characters and pixels stay square. Without colour each pixel is one character of
+    :data:`SIGNED_CHARS` (``=`` strongly negative, ``-``, blank about zero, ``+``, ``#`` strongly
+    positive)
+    or, with ``signed=False``, of :data:`UNSIGNED_CHARS` (dark to bright), one line per row.
+
+    Parameters
+    ----------
+    maps : sequence of tensors or arrays, or a tensor
+        Image relevances as for :func:`heatmap` (``[H, W]``, ``[C, H, W]``; a tensor's first
+        dimension indexes the maps). Each is normalised by its own ``max |R|``.
+    titles : sequence of str, optional
+        A caption above each map (clipped to the map's width).
+    color : bool, optional
+        ``None``: colour unless ``NO_COLOR`` is set to a non-empty value.
+    cmap : str
+        A name in :data:`COLORMAPS`.
+    signed : bool
+        ``True``: values in ``[-1, 1]``, zero in the middle of the map (relevance). ``False``:
+        values in ``[0, 1]`` by ``max``, 0 at the map's start (an input image with ``"gray"``).
+    columns : int
+        Wrap to a new band of maps when the next would pass this width.
+    gap : int
+        Spaces between maps.
+
+    Returns
+    -------
+    str
+        The text, lines separated by ``\\n``; coloured lines end with a reset (``ESC[0m``).
+    """
+    cells = [_image_relevance(m) for m in maps]
+    if not cells:
+        raise ValueError("heatmap_terminal needs at least one map")
+    if titles is not None and len(titles) != len(cells):
+        raise ValueError(f"{len(titles)} titles for {len(cells)} maps")
+    if color is None:
+        color = not os.environ.get("NO_COLOR")
+    blocks = [_terminal_block(c, bool(color), cmap, signed) for c in cells]
+    width = max(c.shape[1] for c in cells)
+    per_band = max(1, (int(columns) + gap) // (width + gap))
+    lines: list[str] = []
+    for start in range(0, len(blocks), per_band):
+        band = blocks[start:start + per_band]
+        if titles is not None:
+            heads = [str(t)[:width].ljust(width) for t in titles[start:start + per_band]]
+            lines.append((" " * gap).join(heads).rstrip())
+        height = max(len(b) for b in band)
+        for row in range(height):
+            parts = [b[row] if row < len(b) else " " * width for b in band]
+            lines.append((" " * gap).join(parts))
+    return "\n".join(lines)
+
+
+def _terminal_block(r: np.ndarray, color: bool, cmap: str, signed: bool) -> list[str]:
+    """One map as lines of equal visible width ``W``."""
+    if signed:
+        peak = float(np.abs(r).max()) if r.size else 0.0
+        v = r / peak if peak > 0 else np.zeros_like(r)
+    else:
+        lo, hi = float(r.min()), float(r.max())
+        v = (r - lo) / (hi - lo) if hi > lo else np.zeros_like(r)
+        v = v * 2.0 - 1.0  # [0, 1] -> [-1, 1]: the start of the colour map is the minimum
+    if not color:
+        if signed:
+            level = np.where(np.abs(v) < 0.1, 0, np.where(np.abs(v) < 0.4, 1, 2))
+            idx, chars = 2 + np.sign(v).astype(int) * level, SIGNED_CHARS
+        else:
+            chars = UNSIGNED_CHARS
+            idx = np.clip(np.rint((v + 1.0) / 2.0 * (len(chars) - 1)), 0, len(chars) - 1)
+        return ["".join(chars[int(i)] for i in row) for row in idx]
+    rgb = _signed_rgb(v, cmap)
+    out = []
+    for top in range(0, rgb.shape[0], 2):
+        line = []
+        for x in range(rgb.shape[1]):
+            up = rgb[top, x]
+            if top + 1 < rgb.shape[0]:
+                dn = rgb[top + 1, x]
+                line.append("\x1b[38;2;{};{};{}m\x1b[48;2;{};{};{}m\u2580".format(*up, *dn))
+            else:
+                line.append("\x1b[0m\x1b[38;2;{};{};{}m\u2580".format(*up))
+        out.append("".join(line) + "\x1b[0m")
+    return out

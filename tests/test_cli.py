@@ -376,13 +376,14 @@ def test_demo_in_process(tmp_path, capsys):
     (ms1, cached1), (ms2, cached2) = _demo_timings(text)
     assert (cached1, cached2) == (False, True)
     assert ms1 > 0 and ms2 > 0
-    key = _field(text, "plan key")
-    assert [p.stem for p in _plan_files(cache)] == [key]
+    keys = sorted([_field(text, "plan key"), _field(text, "plan key (epsilon-gamma-box)")])
+    assert [p.stem for p in _plan_files(cache)] == keys  # the epsilon and the gamma-box plan
     m = re.search(r"^ledger: start (\S+) = at inputs (\S+) \+ absorbed (\S+)", text, re.M)
     assert m, text
     start, at_inputs, absorbed = map(float, m.groups())
     assert abs(start - at_inputs - absorbed) <= 1e-4 * max(1.0, abs(start))
-    _assert_png(tmp_path / "out" / "lrpplan-demo-heatmap.png", (256, 256))
+    from lrpplan.demo import figure_size
+    _assert_png(tmp_path / "out" / "lrpplan-demo-digits.png", figure_size(8, 2))
 
 
 @pytest.fixture(scope="module")
@@ -399,10 +400,11 @@ def test_demo_subprocess(demo_run):
     (_, cached1), (_, cached2) = _demo_timings(done.stdout)
     assert (cached1, cached2) == (False, True)
     assert "Traceback" not in done.stderr
-    _assert_png(cwd / "lrpplan-demo-heatmap.png")
+    _assert_png(cwd / "lrpplan-demo-digits.png")
     # the default cache is LRPPLAN_CACHE: the plan went there, nothing into the cwd
-    assert [p.stem for p in _plan_files(cache)] == [_field(done.stdout, "plan key")]
-    assert sorted(p.name for p in cwd.iterdir()) == ["lrpplan-demo-heatmap.png"]
+    assert [p.stem for p in _plan_files(cache)] == sorted(
+        [_field(done.stdout, "plan key"), _field(done.stdout, "plan key (epsilon-gamma-box)")])
+    assert sorted(p.name for p in cwd.iterdir()) == ["lrpplan-demo-digits.png"]
 
 
 def test_demo_second_process_replays_from_disk(demo_run):
