@@ -14,7 +14,8 @@ from .config import RuleSet
 from .coverage import coverage, rule_table
 from .dataset import explain_dataset
 from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError, LRPWarning,
-                     NonFiniteError, PlanError, PlanMismatchError, UnrecoverableValueError, UnsupportedOperation)
+                     NonFiniteError, PlanError, PlanMismatchError, RuleError,
+                     UnrecoverableValueError, UnsupportedOperation)
 from .ledger import Ledger
 from .plan import Plan
 
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
     "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
-    "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
+    "PlanMismatchError", "RuleError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
     "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
 ]

@@ -6,7 +6,7 @@ import lrpplan
 PUBLIC = {
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
     "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
-    "PlanMismatchError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
+    "PlanMismatchError", "RuleError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
     "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
 }
 
@@ -19,7 +19,8 @@ def test_every_public_name_exists_and_errors_share_a_base():
     for name in PUBLIC:
         assert hasattr(lrpplan, name), name
     for name in ("GraphFreedError", "InvalidInputError", "NonFiniteError", "PlanError",
-                 "PlanMismatchError", "UnrecoverableValueError", "UnsupportedOperation"):
+                 "PlanMismatchError", "RuleError", "UnrecoverableValueError",
+                 "UnsupportedOperation"):
         assert issubclass(getattr(lrpplan, name), lrpplan.LRPError), name
 
 
