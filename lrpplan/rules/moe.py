@@ -1,0 +1,2 @@
+"""Mixture-of-experts: grouped matrix products and the routing around them."""
+from __future__ import annotations
