@@ -58,16 +58,13 @@ def load_data(seed: int = 0, test_size: float = 0.25) -> Digits:
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    """conv(1→16, 3×3) → ReLU → conv(16→32, 3×3) → ReLU → max-pool 2 → flatten →
+    """The demo CNN (``lrpplan.demo.make_model``), initialised from ``torch.manual_seed(seed)``:
+    conv(1→16, 3×3) → ReLU → conv(16→32, 3×3) → ReLU → max-pool 2 → flatten →
     linear(512→64) → ReLU → linear(64→10): logits."""
+    from lrpplan.demo import make_model as demo_model
+
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    return demo_model()
 
 
 @torch.no_grad()

@@ -534,3 +534,17 @@ SEQUENCE = frozenset(
 #: model name -> why explain() fails on it today (engine bugs; remove an entry once fixed —
 #: the tests mark these params ``xfail(strict=True)``, so a fix shows up as XPASS)
 ENGINE_BUGS: dict[str, str] = {}
+
+
+class Cube(torch.autograd.Function):
+    """A custom autograd.Function lrpplan cannot know."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g

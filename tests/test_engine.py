@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import lrpplan
 from lrpplan import (GraphFreedError, InvalidInputError, NonFiniteError, RuleSet,
                      UnsupportedOperation)
-from tests.models import (BATCH_COUPLED, BIAS_FREE, ENGINE_BUGS, MODELS, MLPMean, MLPSum,
+from tests.models import (BATCH_COUPLED, BIAS_FREE, Cube, ENGINE_BUGS, MODELS, MLPMean, MLPSum,
                           ResBlockNet, deep_chain, resnet_block_bias_free,
                           weight_sharing_bias_free)
 
@@ -462,20 +462,6 @@ def test_error_no_input_can_receive_relevance():
         lrpplan.explain(_IgnoresInput().eval(), torch.randn(2, 4), cache=False)
     with pytest.raises(InvalidInputError, match="no input can receive relevance"):
         lrpplan.explain(_OneHot().eval(), torch.randint(0, 5, (2, 3)), cache=False)
-
-
-class Cube(torch.autograd.Function):
-    """A custom autograd.Function lrpplan cannot know."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x ** 3
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x ** 2 * g
 
 
 class _CustomOp(nn.Module):

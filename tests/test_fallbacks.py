@@ -17,6 +17,7 @@ from torch import nn
 import lrpplan
 from lrpplan import LRPError, RuleSet, UnsupportedOperation
 from lrpplan.rules.base import RULES, Decision, Rule, register_rule
+from tests.models import Cube
 
 LRP0 = 1e-12  # ε negligible against the activations: LRP-0
 
@@ -84,17 +85,6 @@ def test_reflection_pad_suggested_fallback_has_the_input_shape(float64):
 
 
 def test_elementwise_unknown_op_suggests_identity():
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x ** 3
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 3 * x ** 2 * g
-
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
