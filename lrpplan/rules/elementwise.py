@@ -198,13 +198,34 @@ def _div_forward(node, vals):
 
 @register_rule
 class ProductRule(Rule):
-    """Uniform rule for a product of two variables; everything to the full-shape variable otherwise."""
+    """Uniform rule for a product of two variables; everything to the full-shape variable
+    otherwise; with ``gates="signal"`` (the default) Arras et al.'s signal-take-all rule for a
+    gate × signal product: all relevance to the signal, none to the gate.
+
+    ``gates="signal"``: of a ``MulBackward0`` whose one operand is a gate and the other is not
+    (:func:`lrpplan.rules.recurrent.gated_signal`), the signal gets all relevance; a signal
+    that leads to no explained input (a constant initial state) absorbs it.
+    ``gates="uniform"``: gates are operands like any other (AttnLRP's uniform rule, ½ each when
+    both are full-shape variables).
+    """
 
     name = "product"
+    defaults = {"gates": "signal"}
+
+    def absorbs(self, p) -> bool:
+        return bool(p.get("absorb"))  # a gate × constant signal: the constant's share, all
 
     def decide(self, info: NodeInfo) -> Decision:
         live = [i for i in range(info.n_inputs) if info.live_inputs[i] and not info.none_inputs[i]]
         send = [False] * info.n_inputs
+        from .recurrent import gated_signal  # gate × signal: the recurrent rule family
+        signal = gated_signal(info)
+        if signal is not None and live:
+            if signal in live:  # signal-take-all
+                send[signal] = True
+                return Decision(values=(), send=tuple(send), params={"share": 1.0})
+            # the signal is a constant or leads to no explained input: it keeps it all
+            return Decision(values=(), send=tuple(send), params={"share": 1.0, "absorb": True})
         if len(live) == 2:
             # decided on the broadcast pattern the plan key records, never on sizes (shapes
             # are given only for ops that broadcast: the ops whose patterns the key holds)
@@ -223,6 +244,8 @@ class ProductRule(Rule):
         for i, s in enumerate(p["send"]):
             if s:
                 out[i] = r if share == 1.0 else r * share  # executor sums broadcast dims back
+        if p.get("absorb"):
+            return out + [r.sum()]
         return out
 
 
