@@ -18,6 +18,7 @@ from .errors import (CacheWarning, GraphFreedError, InvalidInputError, LRPError,
                      UnrecoverableValueError, UnsupportedOperation)
 from .ledger import Ledger
 from .plan import Plan
+from .rules.custom import register_function
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,6 @@ __all__ = [
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
     "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
-    "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
+    "attribute", "coverage", "explain", "explain_dataset", "register_function", "rule_table",
+    "__version__",
 ]

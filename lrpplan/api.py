@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -326,7 +327,23 @@ def _explained_positions(model: Any, kwargs: dict, batch: int) -> Optional[torch
     return last_real_positions(mask)
 
 
+def _uncompiled(model: Any) -> Any:
+    """The module a ``torch.compile``d model wraps (``OptimizedModule._orig_mod``: the same
+    module, the same parameters), unwrapped as often as it was compiled; any other model as it
+    is. A compiled forward puts a whole compiled graph into one autograd node, which no LRP rule
+    can see into; the uncompiled forward computes the same function op by op."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
+
+
 def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
+    """Run the model and explain the target scores (``explain`` and ``Explainer``). A
+    ``torch.compile``d model is explained through the module it wraps (:func:`_uncompiled`):
+    same parameters, same relevance as explaining that module."""
+    model = _uncompiled(model)
     if not args:
         raise InvalidInputError("explain needs at least one positional input")
     if torch.is_inference_mode_enabled():

@@ -10,7 +10,9 @@ A :class:`RuleSet` starts from the registry's default rule per node type and lay
    or ``"layer4.*"``, like Zennit's name map, applied to every operation the module runs; the
    last matching pattern wins; only :func:`lrpplan.explain` and :class:`lrpplan.Explainer`
    know the modules);
-5. per-node-type rule overrides (``overrides``: declared fallbacks for unknown nodes).
+5. per-node-type rule overrides (``overrides``: declared fallbacks for unknown nodes);
+6. per-class rules for custom ``torch.autograd.Function`` nodes (``functions``: qualified class
+   name -> rule, from ``override(FunctionClass, rule)``).
 
 Its :meth:`RuleSet.config` is plain data and part of the plan fingerprint.
 """
@@ -87,14 +89,17 @@ class RuleSet:
                  type_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  overrides: Optional[Mapping[str, str]] = None,
                  first_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                 modules: Optional[Sequence[tuple[str, Mapping[str, Any]]]] = None) -> None:
+                 modules: Optional[Sequence[tuple[str, Mapping[str, Any]]]] = None,
+                 functions: Optional[Mapping[str, str]] = None) -> None:
         self.name = name
+        #: qualified ``torch.autograd.Function`` class name -> rule (per-class overrides)
+        self.functions = dict(functions or {})
         self.modules = [(str(p), dict(v)) for p, v in (modules or [])]
         self.rule_params = {k: dict(v) for k, v in (rule_params or {}).items()}
         self.type_params = {k: dict(v) for k, v in (type_params or {}).items()}
         self.first_params = {k: dict(v) for k, v in (first_params or {}).items()}
         self.overrides = dict(overrides or {})
-        for rule in self.overrides.values():
+        for rule in list(self.overrides.values()) + list(self.functions.values()):
             if rule not in RULES:
                 raise ValueError(f"unknown rule {rule!r}; known: {sorted(RULES)}")
 
@@ -130,12 +135,27 @@ class RuleSet:
             return rules
         raise TypeError(f"rules must be None, a preset name or a RuleSet, got {rules!r}")
 
-    def override(self, node_type: str, rule: str) -> "RuleSet":
-        """A copy that applies ``rule`` to every node of ``node_type`` (a declared fallback)."""
-        overrides = dict(self.overrides)
-        overrides[node_type] = rule
-        return RuleSet(self.name, self.rule_params, self.type_params, overrides,
-                       self.first_params, self.modules)
+    def override(self, node_type: Any, rule: str) -> "RuleSet":
+        """A copy that applies ``rule`` to every node of ``node_type`` (a declared fallback).
+
+        ``node_type`` is an autograd node type name (``"MyOpBackward"``), or a
+        ``torch.autograd.Function`` subclass: then ``rule`` applies to the nodes of that class
+        only (a class is known by its qualified name ``module.QualName``, so two Functions with
+        the same ``__name__`` do not share it, and the rule configuration stays plain data).
+        A per-class override wins over one by node type name.
+        """
+        if isinstance(node_type, str):
+            overrides = dict(self.overrides)
+            overrides[node_type] = rule
+            return RuleSet(self.name, self.rule_params, self.type_params, overrides,
+                           self.first_params, self.modules, self.functions)
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; known: {sorted(RULES)}")
+        from .rules.custom import key_function
+        functions = dict(self.functions)
+        functions[key_function(node_type, rule)] = rule
+        return RuleSet(self.name, self.rule_params, self.type_params, self.overrides,
+                       self.first_params, self.modules, functions)
 
     def module(self, pattern: str, **params: Any) -> "RuleSet":
         """A copy whose operations inside modules matching ``pattern`` use ``params``.
@@ -156,7 +176,7 @@ class RuleSet:
             else:
                 raise TypeError(f"unknown rule parameter {key!r}")
         return RuleSet(self.name, self.rule_params, self.type_params, self.overrides,
-                       self.first_params, self.modules + [(pattern, clean)])
+                       self.first_params, self.modules + [(pattern, clean)], self.functions)
 
     def module_params(self, path: Optional[str]) -> Optional[dict[str, Any]]:
         """Merged parameters of the patterns matching a module path (None: no pattern matches)."""
@@ -168,10 +188,26 @@ class RuleSet:
                 out = {**(out or {}), **params}
         return out
 
-    def resolve(self, node_type: str, first_layer: bool = False, module: Optional[str] = None
-                ) -> tuple[Optional[str], dict[str, Any]]:
-        """(rule name, parameters) for a node; ``(None, {})`` when there is no rule."""
-        rule = self.overrides.get(node_type)
+    def resolve(self, node_type: str, first_layer: bool = False, module: Optional[str] = None,
+                function: Optional[str] = None) -> tuple[Optional[str], dict[str, Any]]:
+        """(rule name, parameters) for a node; ``(None, {})`` when there is no rule.
+
+        ``function``: the qualified class name of a custom ``torch.autograd.Function`` node
+        (:func:`lrpplan.rules.custom.function_key`). Its rule is, in order, this rule set's
+        override for the class, its override for the node type name, the class's registered
+        rule (:func:`lrpplan.register_function`); never the rule of another class whose nodes
+        share the type name.
+        """
+        if function is not None:
+            rule = self.functions.get(function) or self.overrides.get(node_type)
+            if rule is None:
+                from .rules.custom import FUNCTIONS
+                entry = FUNCTIONS.get(function)
+                if entry is None:
+                    return None, {}
+                rule = entry.spec.rule
+        else:
+            rule = self.overrides.get(node_type)
         if rule is None:
             spec = OPS.get(node_type)
             if spec is None:
@@ -191,7 +227,8 @@ class RuleSet:
         """Plain-data description (goes into the fingerprint and the plan header)."""
         return {"name": self.name, "rule_params": self.rule_params,
                 "type_params": self.type_params, "first_params": self.first_params,
-                "modules": [[p, v] for p, v in self.modules], "overrides": self.overrides}
+                "modules": [[p, v] for p, v in self.modules], "overrides": self.overrides,
+                **({"functions": self.functions} if self.functions else {})}
 
     def __repr__(self) -> str:
         return f"RuleSet({self.config()!r})"

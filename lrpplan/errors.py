@@ -29,16 +29,26 @@ class UnsupportedOperation(LRPError):
         the fallback that fits (``"route"``: its gradient routes relevance; ``"identity"``: one
         input of the output's shape), or ``None`` when neither does (then only ``"absorb"`` or a
         rule written for the node are safe).
+    function:
+        for a custom ``torch.autograd.Function`` node, its class's qualified name
+        (``module.QualName``; the message names the class and its module), else ``None``.
+    remedy:
+        what to do instead, where no rule or fallback can fit the node (a ``torch.compile``d
+        region: explain the uncompiled module); it replaces the fallback advice.
     """
 
     def __init__(self, node_type: str, position: str, hint: str = "",
-                 fallback: Optional[str] = "identity", reason: str = "") -> None:
+                 fallback: Optional[str] = "identity", reason: str = "",
+                 function: Optional[str] = None, remedy: str = "") -> None:
         self.node_type = node_type
         self.position = position
         self.fallback = fallback
+        self.function = function
         msg = (f"no LRP rule for autograd node {node_type!r} ({position}). "
                "lrpplan never passes relevance through an unknown operation silently. ")
-        if fallback is not None:
+        if remedy:
+            msg += remedy
+        elif fallback is not None:
             msg += ("Declare a fallback explicitly: "
                     f"rules=lrpplan.RuleSet.preset('epsilon').override({node_type!r}, "
                     f"{fallback!r})" + (f" ({reason})" if reason else "") + ".")

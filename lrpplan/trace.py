@@ -19,6 +19,8 @@ from .plan import Plan, Step, ValueOp
 from .promise import Promise, PromiseBranch, ValueResolver, read_saved
 from .replay import BoundStep, Executor
 from .rules.base import OPS, NodeInfo, get_rule
+from .rules.custom import (COMPILED_REMEDY, compiled_region, function_key, function_spec,
+                           unsupported_hint)
 
 
 _UNSUPPORTED_HINTS = {
@@ -191,18 +193,27 @@ class Tracer:
             rel_in.append(self.rel_slot.get(e, -1))
         if all(s < 0 for s in rel_in):
             return None, None  # no relevance arrived (structurally): nothing to propagate
-        spec = OPS.get(ntype)
+        # a custom autograd Function node is known by its class (qualified name), never by a
+        # type name another class may share
+        function = function_key(node)
+        spec = function_spec(node) if function is not None else OPS.get(ntype)
         first = spec is not None and spec.rule == "linear" and self._first_layer(n)
         rule_name, params = self.ruleset.resolve(ntype, first_layer=first,
-                                                 module=self.module_of.get(n))
+                                                 module=self.module_of.get(n), function=function)
         from .replay import CheckedStep  # the tracer checks every rule's output; replays do not
         from .rules.routing import suggest_fallback
 
         def unsupported(m: int) -> UnsupportedOperation:
+            node_m, type_m = g.nodes[m], g.types[m]
+            if compiled_region(node_m, type_m):  # no fallback can fit: say what to pass
+                return UnsupportedOperation(type_m, g.describe(m), fallback=None,
+                                            remedy=COMPILED_REMEDY)
             fallback, reason = suggest_fallback(
-                g.nodes[m], [None if e is None else self._shape(e) for e in g.edges[m]])
-            return UnsupportedOperation(g.types[m], g.describe(m),
-                                        _UNSUPPORTED_HINTS.get(g.types[m], ""), fallback, reason)
+                node_m, [None if e is None else self._shape(e) for e in g.edges[m]])
+            known = _UNSUPPORTED_HINTS.get(type_m, "")
+            hint = " ".join(h for h in (known, unsupported_hint(node_m, type_m, not known)) if h)
+            return UnsupportedOperation(type_m, g.describe(m), hint, fallback, reason,
+                                        function=function_key(node_m))
 
         if rule_name is None:
             raise unsupported(n)
@@ -277,6 +288,8 @@ class Tracer:
         if nonneg_output:
             merged["output_nonneg"] = True
         merged["node_type"] = ntype
+        if function is not None:
+            merged["function"] = function  # the class, by name: for reading a plan
         step = Step("rule", n, rule_name, tuple(rel_in), rel_out, tuple(vals), merged,
                     tuple(chain))
         self.ex.rule(CheckedStep(step, g))
@@ -315,7 +328,8 @@ class Tracer:
         g = self.g
         while e is not None and not (e in self.target_of and not self._live[e[0]]):
             spec = OPS.get(g.types[e[0]])
-            if spec is None or spec.rule not in ("route", "identity"):
+            if spec is None or not (spec.rule == "identity"
+                                    or get_rule(spec.rule).routes_relevance):
                 return e
             live = [c for c in g.edges[e[0]] if self.edge_live(c)]
             if len(live) != 1:

@@ -7,7 +7,8 @@ PUBLIC = {
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
     "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
-    "attribute", "coverage", "explain", "explain_dataset", "rule_table", "__version__",
+    "attribute", "coverage", "explain", "explain_dataset", "register_function", "rule_table",
+    "__version__",
 }
 
 
