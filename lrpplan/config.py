@@ -54,15 +54,26 @@ PRESETS: dict[str, tuple[dict, dict, dict]] = {
 
 #: user-facing parameter names (Zennit's) -> the rules that read them
 _PARAM_RULES = {
-    "epsilon": ("linear", "linear_map", "add", "centred_norm", "affine_norm", "sdpa", "share"),
+    "epsilon": ("linear", "linear_map", "add", "centred_norm", "affine_norm", "sdpa", "share",
+                "rnn"),
+    "gates": ("product", "rnn"),  # "signal" (Arras et al.'s signal-take-all) or "uniform"
     "gamma": ("linear",), "alpha": ("linear",), "beta": ("linear",),
     "low": ("linear",), "high": ("linear",),
 }
 _REQUIRED = {"epsilon-gamma-box": ("low", "high")}
 
 
+#: parameters that take one of a few names instead of a number
+_CHOICES = {"gates": ("signal", "uniform")}
+
+
 def _plain_number(key: str, value: Any) -> Any:
-    """A float, or (for the z-box bounds) a list of per-channel floats; anything else is an error."""
+    """A float, or (for the z-box bounds) a list of per-channel floats, or one of the names a
+    choice parameter takes; anything else is an error."""
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise TypeError(f"rule parameter {key}={value!r} must be one of {_CHOICES[key]}")
+        return value
     if hasattr(value, "tolist"):  # tensors / arrays of per-channel bounds
         value = value.tolist()
     if isinstance(value, (list, tuple)) and key in ("low", "high") and value and \

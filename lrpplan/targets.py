@@ -135,16 +135,20 @@ def select_scores(raw: Any, target: Target, batch: int,
     target:
         ``None`` (argmax), an integer, per-sample integers, or a callable on ``raw``.
     batch:
-        the batch size of the explained inputs.
+        the leading size of the first explained input (the batch, unless the model is
+        time-major): a ``[N]`` output is taken as one score per sample only when ``N`` is this;
+        ``[B, C]`` and ``[B, T, C]`` outputs carry their own batch size.
     positions:
         for ``[B, T, C]`` outputs: the explained position per sample (default: the last).
     """
     if is_callable_target(target):
         score = target(raw)
-        if not isinstance(score, torch.Tensor) or score.dim() != 1 or score.shape[0] != batch:
+        sizes = {batch} | ({raw.shape[0]} if isinstance(raw, torch.Tensor) and raw.dim() else set())
+        if not isinstance(score, torch.Tensor) or score.dim() != 1 or score.shape[0] not in sizes:
             shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             raise InvalidInputError("a target callable must return one score per sample "
-                                    f"(shape [{batch}]), got {shape}")
+                                    f"(shape [{' or '.join(map(str, sorted(sizes)))}]), "
+                                    f"got {shape}")
         return score, target
     out = output_tensor(raw)
     if not out.is_floating_point():
@@ -154,10 +158,11 @@ def select_scores(raw: Any, target: Target, batch: int,
             raise InvalidInputError("the model returns a single number, so there is no class "
                                     "to pick: leave target=None")
         return out.reshape(1), None
-    if out.shape[0] != batch:
+    if out.dim() == 1 and out.shape[0] != batch:
         raise InvalidInputError(
-            f"the model output has shape {tuple(out.shape)}, which does not start with the batch "
-            f"size {batch}; {_CALLABLE_HINT}")
+            f"the model output has shape {tuple(out.shape)}, which is not one score per sample "
+            f"of a batch of {batch}; {_CALLABLE_HINT}")
+    batch = out.shape[0]
     if out.dim() == 1:  # one score per sample (regression): each sample's own score
         if target is not None:
             raise InvalidInputError(
@@ -169,6 +174,9 @@ def select_scores(raw: Any, target: Target, batch: int,
     elif out.dim() == 3:  # sequence logits [B, T, C]
         if positions is None:
             logits = out[:, -1]
+        elif positions.shape[0] != batch:
+            raise InvalidInputError(f"the attention mask has {positions.shape[0]} rows for an "
+                                    f"output of batch {batch}")
         elif int(positions.max()) >= out.shape[1]:
             raise InvalidInputError(
                 f"the attention mask ({int(positions.max()) + 1}+ positions) is longer than the "

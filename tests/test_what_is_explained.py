@@ -169,8 +169,25 @@ def test_output_without_batch_dimension_is_an_error():
         def forward(self, x):
             return x.sum(0)  # [5]: one value per feature, not per sample
 
-    with pytest.raises(InvalidInputError, match="batch size"):
+    with pytest.raises(InvalidInputError, match="not one score per sample"):
         lrpplan.explain(Rows(), torch.randn(3, 5), cache=False)
+
+
+def test_time_major_model_takes_the_batch_from_its_output():
+    # [T, B, F] input, [B, C] logits: the output's batch is the batch, not the input's dim 0
+    torch.manual_seed(5)
+    lin = nn.Linear(5, 3, bias=False).double()
+
+    class TimeMajor(nn.Module):
+        def forward(self, x):
+            return lin(torch.relu(x).sum(0))
+
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    attr = lrpplan.explain(TimeMajor(), x, target=1, rules=TINY, cache=False)
+    assert attr.output.shape == (2,)
+    ref = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(TimeMajor()(ref)[:, 1].sum(), ref)
+    torch.testing.assert_close(attr.relevance, x * g, rtol=1e-8, atol=1e-12)
 
 
 def test_a_model_returning_one_number_explains_it_and_takes_no_class():

@@ -231,6 +231,10 @@ def stable_div(r: Tensor, z: Tensor, eps: float, nonneg: bool = False) -> Tensor
 
     ``nonneg``: ``z`` is known to be ≥ 0 (a ReLU's result), so ``stabilize`` is ``z + eps``.
     """
+    if nonneg and not eps:
+        # a ReLU's result stands in for z: where it is 0 the relevance arriving is exactly 0
+        # (the stand-in's condition), and 0 / 0 there is 0, not NaN
+        return r / z.masked_fill(z == 0, 1)
     d = (z + eps if eps else z) if nonneg else stabilize(z, eps)
     if d is not z and d.shape == r.shape and d.dtype == torch.result_type(r, d) \
             and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad)):
@@ -244,7 +248,7 @@ def stable_div_share(r: Tensor, z: Tensor, eps: float, nonneg: bool = False
     share ``a = Σ ε·sign(z)·s`` (a 0-d tensor; ``None`` when ``eps`` is 0), the relevance the
     stabiliser absorbs. Costs one product-sum over ``z`` more than :func:`stable_div`."""
     if eps == 0.0:
-        return r / z, None
+        return stable_div(r, z, 0.0, nonneg), None
     if nonneg:  # z ≥ 0: stabilize(z) = z + eps
         s = stable_div(r, z, eps, True)
         return s, s.sum() * eps
