@@ -123,7 +123,8 @@ def _prefixed(rules: RuleSet) -> RuleSet:
     if not rules.modules:
         return rules
     return RuleSet(rules.name, rules.rule_params, rules.type_params, rules.overrides,
-                   rules.first_params, [(f"{_MODEL}.{p}", v) for p, v in rules.modules])
+                   rules.first_params, [(f"{_MODEL}.{p}", v) for p, v in rules.modules],
+                   functions=rules.functions)
 
 
 class LRP:
