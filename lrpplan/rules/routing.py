@@ -19,6 +19,17 @@ def _dim(v: int) -> int:
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
+def signed(v: Any) -> Any:
+    """A saved int64 (or a tuple / list of them) read back signed: autograd exposes a negative
+    dim, slice bound, shift or pad as unsigned 64-bit (``_saved_end`` = 2**64 − 2 for −2).
+    Scalars (``alpha``, ``min``, ``exponent``) already come back signed; anything else passes."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(signed(x) for x in v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return _dim(v)
+    return v
+
+
 def out_shape(node: Any, nr: int = 0) -> list[int]:
     return node._input_metadata[nr].shape
 
@@ -180,7 +191,14 @@ def suggest_fallback(node: Any, input_shapes: Sequence[Optional[Sequence[int]]]
     Else ``None``: neither fits (then ``absorb`` or a rule written for the node).
 
     ``input_shapes``: the shape of each tracked input (``None`` for an untracked constant).
+    A ``torch.compile``d region fits neither, whatever its shapes: its inputs are the parameters
+    and activations a whole compiled graph read.
     """
+    from .custom import compiled_region
+    if compiled_region(node, type(node).__name__):
+        return None, ("a torch.compile'd region is a whole compiled graph in one node: no "
+                      "fallback passes relevance through it; explain the uncompiled module "
+                      "(model._orig_mod)")
     meta = list(getattr(node, "_input_metadata", ()))
     out_shapes = [tuple(m.shape) for m in meta]
     tracked = [tuple(s) for s in input_shapes if s is not None]
@@ -241,8 +259,8 @@ def _reshape(node, v):
 
 
 def _slice(node, v):
-    return [torch.ops.aten.slice(v[0], _dim(node._saved_dim), node._saved_start, node._saved_end,
-                                 node._saved_step)]
+    return [torch.ops.aten.slice(v[0], _dim(node._saved_dim), signed(node._saved_start),
+                                 signed(node._saved_end), node._saved_step)]
 
 
 def _split(node, v):
@@ -288,9 +306,10 @@ register_op("UnbindBackward0", "route", key_attrs=("dim",),
 register_op("RepeatBackward0", "route",
             forward=lambda n, v: [v[0].repeat(*n._saved_repeats)])
 register_op("FlipBackward0", "route", key_attrs=("dims",),
-            forward=lambda n, v: [v[0].flip(list(n._saved_dims))])
+            forward=lambda n, v: [v[0].flip(list(signed(n._saved_dims)))])
 register_op("RollBackward0", "route", key_attrs=("dims",),
-            forward=lambda n, v: [v[0].roll(list(n._saved_shifts), list(n._saved_dims))])
+            forward=lambda n, v: [v[0].roll(list(signed(n._saved_shifts)),
+                                            list(signed(n._saved_dims)))])
 def _as_strided(node, vals):
     # exact when the input was laid out contiguously (a freshly computed tensor), which is the
     # case autograd creates these nodes for (restriding a reduction's output, explicit as_strided)
@@ -301,7 +320,7 @@ def _as_strided(node, vals):
 
 register_op(["AsStridedBackward0", "AsStridedBackward1"], "route", forward=_as_strided)
 register_op("ConstantPadNdBackward0", "route", fills=True,
-            forward=lambda n, v: [torch.nn.functional.pad(v[0], list(n._saved_pad))])
+            forward=lambda n, v: [torch.nn.functional.pad(v[0], list(signed(n._saved_pad)))])
 register_op("IndexBackward0", "route", forward=_index)
 register_op("IndexSelectBackward0", "route", key_attrs=("dim",),
             saved_inputs={},
@@ -352,4 +371,4 @@ register_op("UpsampleNearestExact2DBackward0", "route", forward=_nearest("neares
 register_op("CopySlices", "copyslices")
 register_op("WeightNormInterfaceBackward0", "route", key_attrs=("dim",),
             saved_inputs={0: "_saved_v", 1: "_saved_g"},
-            forward=lambda n, v: [torch._weight_norm(v[0], v[1], n._saved_dim)])
+            forward=lambda n, v: [torch._weight_norm(v[0], v[1], _dim(n._saved_dim))])
