@@ -52,11 +52,15 @@ PRESETS: dict[str, tuple[dict, dict, dict]] = {
     "cp-lrp": ({"linear": {"attention": "cp"}, "sdpa": {"attention": "cp"}}, {}, {}),
 }
 
+def _rules_reading(param: str) -> tuple[str, ...]:
+    """The registered rules that declare ``param`` among their defaults."""
+    return tuple(sorted(name for name, rule in RULES.items() if param in rule.defaults))
+
+
 #: user-facing parameter names (Zennit's) -> the rules that read them
 _PARAM_RULES = {
-    "epsilon": ("linear", "linear_map", "add", "centred_norm", "affine_norm", "sdpa", "share",
-                "rnn"),
-    "gates": ("product", "rnn"),  # "signal" (Arras et al.'s signal-take-all) or "uniform"
+    "epsilon": _rules_reading("epsilon"),
+    "gates": _rules_reading("gates"),  # "signal" (Arras et al.'s signal-take-all) or "uniform"
     "gamma": ("linear",), "alpha": ("linear",), "beta": ("linear",),
     "low": ("linear",), "high": ("linear",),
 }

@@ -110,7 +110,8 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 
 #: rules that read input values (and so open Promises where the graph did not save them)
-_NEEDS_VALUES = {"add", "linear_map", "softmax", "linear", "share", "centred_norm", "affine_norm"}
+_NEEDS_VALUES = {"add", "linear_map", "softmax", "linear", "share", "centred_norm", "affine_norm",
+                 "linear_sum", "multilinear", "index_put", "scatter_reduce", "embedding_bag"}
 
 
 def rule_table() -> str:
