@@ -766,3 +766,23 @@ def test_zoo_message_passing_conserves_without_biases():
     assert attr.ledger.leaks() == []
     start = float(attr.ledger.start)
     assert abs(float(attr.relevance.sum()) - start) <= 1e-6 * abs(start)
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_max_along_a_dim_forward_replay_equals_gradient_times_input(keepdim):
+    """``h - h.max(-1).values`` feeding a softmax-free linear head: the subtraction's z-rule
+    needs the max, which autograd saves nowhere; it is replayed from the saved indices.
+    LRP-0 through the linear chain equals gradient × input with the max as a routing."""
+    torch.manual_seed(3)
+    w1 = torch.randn(4, 6, dtype=torch.float64)
+    w2 = torch.randn(6, 2, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    h = x @ w1
+    m = h.max(-1, keepdim=keepdim).values
+    out = (h - (m if keepdim else m.unsqueeze(-1))) @ w2
+    attr = lrpplan.attribute(out[:, 0], x, cache=False,
+                             rules=lrpplan.RuleSet.preset("epsilon", epsilon=1e-12))
+    assert any(op.kind == "fwd" for s in attr.plan.steps for op in s.chain)
+    (g,) = torch.autograd.grad(out[:, 0].sum(), x)
+    torch.testing.assert_close(attr.relevance, (x * g).detach(), rtol=1e-8, atol=1e-12)
+    assert attr.ledger.closes() and attr.ledger.leaks() == []

@@ -354,8 +354,19 @@ register_op(["MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
              "MaxPool1DWithIndicesBackward0"], "route", saved_inputs={0: "_saved_self"},
             forward=_max_pool, key_attrs=("kernel_size", "stride", "padding", "dilation",
                                           "ceil_mode"))
-register_op(["MaxBackward0", "MinBackward0", "TopkBackward0", "SortBackward0", "KthvalueBackward0",
-             "MedianBackward1"], "route", key_attrs=("dim",))
+def _reduce_select(node, vals):
+    # max/min along a dim: the values at the indices the forward chose (saved), so ties are
+    # broken exactly as the forward broke them
+    dim, idx = signed(node._saved_dim), node._saved_indices
+    if not node._saved_keepdim:
+        return [vals[0].gather(dim, idx.unsqueeze(dim)).squeeze(dim)]
+    return [vals[0].gather(dim, idx)]
+
+
+register_op(["MaxBackward0", "MinBackward0"], "route", key_attrs=("dim", "keepdim"),
+            forward=_reduce_select)
+register_op(["TopkBackward0", "SortBackward0", "KthvalueBackward0", "MedianBackward1"], "route",
+            key_attrs=("dim",))
 register_op(["MaxBackward1", "MinBackward1", "AmaxBackward0", "AminBackward0"], "route",
             saved_outputs={0: "_saved_result"})
 def _nearest(mode):
