@@ -317,7 +317,8 @@ class ValueResolver:
                     continue
                 child = g.edges[pid][pos] if pos < len(g.edges[pid]) else None
                 if child is None:
-                    if g.types[pid] in _ZERO_OK or spec.forward_inputs is not None:
+                    if g.types[pid] in _ZERO_OK or pos in spec.zero_operands \
+                            or spec.forward_inputs is not None:
                         ins[pos] = None
                         continue
                     ok = False
@@ -415,8 +416,10 @@ class ValueResolver:
             for pos in range(n_in):
                 src = ins.get(pos)
                 if src is None:
-                    if pos in ins and self.graph.edges[pid][pos] is None and \
-                            _lost_operand(self.graph.types[pid], self.graph.nodes[pid]):
+                    spec = OPS.get(self.graph.types[pid])
+                    if pos in ins and self.graph.edges[pid][pos] is None and (
+                            _lost_operand(self.graph.types[pid], self.graph.nodes[pid])
+                            or (spec is not None and pos in spec.zero_operands)):
                         self.assumptions.append(
                             f"{self.graph.types[pid]} #{pid}: forward value recomputed with "
                             f"its untracked operand {pos} (not saved by autograd) taken as 0")

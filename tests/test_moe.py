@@ -313,12 +313,9 @@ def check_model(model, inputs, uses_grouped: bool):
 MODELS = ["qwen2_moe", "qwen3_moe", "mixtral"]
 
 #: the per-expert loop accumulates with ``index_add_`` into a ``zeros_like`` buffer (an untracked
-#: constant written in place): ``IndexAddBackward0`` (lrpplan/rules/longtail.py) cannot recover
-#: that accumulator yet. Strict: the marker goes when it can.
-EAGER_GAP = pytest.mark.xfail(raises=lrpplan.UnrecoverableValueError, strict=True,
-                              reason="IndexAddBackward0 cannot recover an index_add_ "
-                                     "accumulator that is an untracked zeros_like buffer")
-IMPLS = [pytest.param(None, id="grouped_mm"), pytest.param("eager", id="eager", marks=EAGER_GAP)]
+#: constant written in place): forward replays take it as 0 (``OpSpec.zero_operands``), an
+#: assumption the plan records
+IMPLS = [pytest.param(None, id="grouped_mm"), pytest.param("eager", id="eager")]
 
 
 @pytest.mark.zoo
@@ -332,7 +329,7 @@ def test_moe_model(name, impl):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("impl", ["grouped_mm", pytest.param("eager", marks=EAGER_GAP)])
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 def test_gpt_oss_moe_block(impl):
     model = GptOssMoE(impl).eval()
     x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2))

@@ -786,3 +786,22 @@ def test_max_along_a_dim_forward_replay_equals_gradient_times_input(keepdim):
     (g,) = torch.autograd.grad(out[:, 0].sum(), x)
     torch.testing.assert_close(attr.relevance, (x * g).detach(), rtol=1e-8, atol=1e-12)
     assert attr.ledger.closes() and attr.ledger.leaks() == []
+
+
+def test_index_add_into_untracked_zeros_replays_with_the_accumulator_as_zero():
+    """``torch.zeros(...).index_add_(...)`` (a GNN's aggregation, an MoE's per-expert loop):
+    the zeros are saved nowhere; a forward replay takes them as 0 (recorded), and LRP-0 through
+    the residual ``h + agg`` equals gradient × input."""
+    torch.manual_seed(4)
+    w = torch.randn(3, 3, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([0, 2, 2, 4, 1])
+    h = x @ w
+    agg = torch.zeros(5, 3, dtype=torch.float64).index_add_(0, idx, h * 2)
+    out = (h + agg) @ w
+    attr = lrpplan.attribute(out[:, 1], x, cache=False,
+                             rules=lrpplan.RuleSet.preset("epsilon", epsilon=1e-12))
+    assert any("taken as 0" in a for a in attr.assumptions)
+    (g,) = torch.autograd.grad(out[:, 1].sum(), x)
+    torch.testing.assert_close(attr.relevance, (x * g).detach(), rtol=1e-8, atol=1e-12)
+    assert attr.ledger.closes() and attr.ledger.leaks() == []

@@ -48,6 +48,9 @@ class OpSpec:
     fills:
         some output positions hold a constant that is no input (padding, a fill value, an
         operand autograd does not track): a routing rule books the relevance there as absorbed.
+    zero_operands:
+        input positions a forward replay may take as 0 when autograd does not track them (the
+        accumulator an op adds into, usually ``torch.zeros``); recorded as an assumption.
     """
 
     node_type: str
@@ -59,6 +62,7 @@ class OpSpec:
     key_attrs: tuple[str, ...] = ()
     broadcasts: bool = False
     fills: bool = False
+    zero_operands: tuple[int, ...] = ()
 
 
 OPS: dict[str, OpSpec] = {}
@@ -75,6 +79,7 @@ def register_op(
     key_attrs: tuple[str, ...] = (),
     broadcasts: bool = False,
     fills: bool = False,
+    zero_operands: tuple[int, ...] = (),
 ) -> None:
     """Register one or several node types sharing a spec."""
     if isinstance(node_types, str):
@@ -84,7 +89,7 @@ def register_op(
             raise RuntimeError(f"op spec for {name!r} registered twice")
         OPS[name] = OpSpec(
             name, rule, dict(saved_inputs or {}), dict(saved_outputs or {}), forward,
-            forward_inputs, tuple(key_attrs), broadcasts, fills,
+            forward_inputs, tuple(key_attrs), broadcasts, fills, tuple(zero_operands),
         )
 
 

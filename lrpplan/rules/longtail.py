@@ -368,8 +368,16 @@ def _index_put(n, v):
                                              bool(n._saved_accumulate))]
 
 
+def _accumulator(n, v):
+    """The tensor an op adds into; an untracked one (saved nowhere) is taken as 0."""
+    if v[0] is not None:
+        return v[0]
+    meta = n._input_metadata[0]
+    return v[1].new_zeros(meta.shape, dtype=meta.dtype)
+
+
 def _index_add(n, v):
-    return [v[0].index_add(signed(n._saved_dim), n._saved_index, v[1], alpha=n._saved_alpha)]
+    return [_accumulator(n, v).index_add(signed(n._saved_dim), n._saved_index, v[1], alpha=n._saved_alpha)]
 
 
 def _index_copy(n, v):
@@ -385,7 +393,7 @@ def _scatter(n, v):
 
 
 def _scatter_add(n, v):
-    return [v[0].scatter_add(signed(n._saved_dim), n._saved_index, v[1])]
+    return [_accumulator(n, v).scatter_add(signed(n._saved_dim), n._saved_index, v[1])]
 
 
 def _scatter_reduce(n, v):
@@ -447,8 +455,9 @@ register_op("IndexFillBackward1", "write", forward=_index_fill_tensor, key_attrs
 register_op("ScatterBackward0", "write", forward=_scatter, key_attrs=("dim",))
 register_op("ScatterBackward1", "write", key_attrs=("dim",))
 register_op("IndexAddBackward0", "linear_sum", saved_inputs={1: "_saved_source"},
-            forward=_index_add, key_attrs=("dim", "alpha"))
-register_op("ScatterAddBackward0", "linear_sum", forward=_scatter_add, key_attrs=("dim",))
+            forward=_index_add, key_attrs=("dim", "alpha"), zero_operands=(0,))
+register_op("ScatterAddBackward0", "linear_sum", forward=_scatter_add, key_attrs=("dim",),
+            zero_operands=(0,))
 register_op("ScatterReduceBackward0", "scatter_reduce",
             saved_inputs={0: "_saved_self", 1: "_saved_src"}, saved_outputs={0: "_saved_result"},
             forward=_scatter_reduce, key_attrs=("dim", "reduce", "include_self"))
