@@ -47,6 +47,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny graphs: intra-op threads only spin on a busy 2-core machine. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
     """lrpplan warns once per model or plan and process; every test sees its own first time."""

@@ -33,13 +33,7 @@ F32_REPLAY = 1e-5     # replay vs trace, float32 (README invariant 1)
 F64 = 1e-12           # the rule in float64 against its closed form
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs: intra-op threads only spin on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

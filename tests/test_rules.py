@@ -30,13 +30,7 @@ SEEDS = [0, 1, 2]
 RTOL = 1e-8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The graphs here are tiny: intra-op threads only spin (and cost a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
