@@ -13,13 +13,14 @@ import torch
 
 from .cache import PlanCache
 from .config import RuleSet
-from .errors import InvalidInputError, LRPWarning, NonFiniteError
+from .errors import InvalidInputError, LRPWarning, NonFiniteError, UnrecoverableValueError
 from .finite import check_finite
 from .fingerprint import fingerprint
 from .graph import Graph, capture
 from .ledger import Ledger
 from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
+from .recording import ForwardRecording
 from .replay import bind, replay
 from .rules import token_indices
 from .targets import Target, is_callable_target, last_real_positions, output_tensor, select_scores
@@ -153,7 +154,8 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
 
 def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                targets: list[dict], token_inputs: Sequence[int] = (),
-               recorder: Optional[ModuleRecorder] = None):
+               recorder: Optional[ModuleRecorder] = None,
+               recording: Optional[ForwardRecording] = None):
     for o in outputs:
         if isinstance(o, torch.Tensor) and o.grad_fn is None and (
                 o.is_inference() or torch.is_inference_mode_enabled()):
@@ -185,6 +187,9 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
         ge = torch.autograd.graph.get_gradient_edge(o)
         roots.append((ge.node, ge.output_nr))
     graph = capture(roots)
+    if recording is not None:
+        graph.recorded = recording.values_for(graph)
+        recording.clear()  # the graph's own values only from here on
     plan_targets = []
     for t in targets:
         if t["kind"] == "tensor":
@@ -342,7 +347,10 @@ def _uncompiled(model: Any) -> Any:
 def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
     """Run the model and explain the target scores (``explain`` and ``Explainer``). A
     ``torch.compile``d model is explained through the module it wraps (:func:`_uncompiled`):
-    same parameters, same relevance as explaining that module."""
+    same parameters, same relevance as explaining that module.
+
+    When the plan needs a value autograd keeps nowhere (:mod:`lrpplan.recording`), the forward
+    runs once more with recording on, and so does every later forward of that model."""
     model = _uncompiled(model)
     if not args:
         raise InvalidInputError("explain needs at least one positional input")
@@ -358,6 +366,19 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
             ins.append(a.detach().clone().requires_grad_(True))
         else:
             ins.append(a)
+    record = _records_forward(model)
+    while True:
+        try:
+            return _explain_once(model, ins, target, ruleset, store, kwargs, record)
+        except UnrecoverableValueError:
+            if record:
+                raise
+            record = True
+            _remember_recording(model)
+
+
+def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool) -> Attribution:
+    """One forward pass (recorded when ``record``) and its explanation."""
     first = next((a for a in ins if isinstance(a, torch.Tensor)), None)
     batch = first.shape[0] if first is not None and first.dim() > 0 else 1
     is_module = isinstance(model, torch.nn.Module)
@@ -369,8 +390,10 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
     buffers = _snapshot_buffers(model) if is_module else []
     recorder_ctx = record_modules(model) if ruleset.modules and is_module \
         else contextlib.nullcontext()
+    recording = ForwardRecording() if record else None
     try:
-        with torch.enable_grad(), recorder_ctx as recorder:
+        with torch.enable_grad(), recorder_ctx as recorder, \
+                recording if recording is not None else contextlib.nullcontext():
             if frozen:
                 raw = torch.func.functional_call(model, frozen, tuple(ins), kwargs)
             else:
@@ -387,11 +410,31 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
         token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
                         and not a.is_floating_point() and not a.is_complex()]
         rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins,
-                                                    targets, token_inputs, recorder)
+                                                    targets, token_inputs, recorder, recording)
     finally:
         _restore_buffers(buffers)
+        if recording is not None:
+            recording.clear()
     relevance = rel[0] if len(ins) == 1 else tuple(rel)
     return Attribution(relevance, score.detach(), idx, ledger, cached, key, plan)
+
+
+#: models (or callables) whose plans read values recorded during the forward pass
+_RECORDING_MODELS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _records_forward(model: Any) -> bool:
+    try:
+        return model in _RECORDING_MODELS
+    except TypeError:  # not weakly referenceable
+        return False
+
+
+def _remember_recording(model: Any) -> None:
+    try:
+        _RECORDING_MODELS.add(model)
+    except TypeError:
+        pass
 
 
 _INFERENCE_MODE = ("lrpplan cannot explain under torch.inference_mode(): autograd records no "

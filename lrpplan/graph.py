@@ -34,6 +34,10 @@ class Graph:
         the edges relevance starts from.
     index:
         node -> id (keeps the Python wrappers alive, so ids stay valid).
+    recorded:
+        forward values recorded while the forward ran, by edge (:mod:`lrpplan.recording`;
+        empty unless :func:`lrpplan.explain` recorded its forward). The ``rec`` value op reads
+        them.
     """
 
     nodes: list[Any]
@@ -41,6 +45,7 @@ class Graph:
     edges: list[tuple[Optional[Edge], ...]]
     roots: list[Edge]
     index: dict[Any, int]
+    recorded: dict[Edge, torch.Tensor] = field(default_factory=dict, repr=False)
     _consumers: Optional[list[list[tuple[int, int]]]] = field(default=None, repr=False)
 
     def __len__(self) -> int:

@@ -7,8 +7,9 @@ A plan is a straight-line program over integer node ids (positions in the canoni
              attribute of some node), ``base`` (the ``_base`` of a saved view), ``unview``
              (a view or copy node's input from its output value: reshape, transpose, permute,
              squeeze...), ``sub`` (an
-             operand of an addition: its output minus the other operand) or ``fwd`` (re-run a
-             node's forward op: one link of a Promise's forward chain).
+             operand of an addition: its output minus the other operand), ``fwd`` (re-run a
+             node's forward op: one link of a Promise's forward chain) or ``rec`` (output
+             ``attr`` of a node, as recorded during the forward pass: :mod:`lrpplan.recording`).
 ``Step``     ``rule``    apply a node's rule: read relevance slots ``rel_in`` (one per forward output),
                          write or accumulate into ``rel_out`` (one per input, -1 = none);
              ``fused``   one resolved Promise path: its forward ``chain`` of value ops, then the
@@ -30,7 +31,7 @@ from .errors import PlanError
 
 SCHEMA_VERSION = 1
 STEP_KINDS = ("rule", "fused", "collect")
-VALUE_KINDS = ("leaf", "saved", "base", "unview", "sub", "fwd")
+VALUE_KINDS = ("leaf", "saved", "base", "unview", "sub", "fwd", "rec")
 MAGIC = "lrpplan-plan"
 
 ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attribute
@@ -40,9 +41,9 @@ ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attr
 class ValueOp:
     """Recover one or more forward values into value slots."""
 
-    kind: str                  # "leaf" | "saved" | "base" | "unview" | "sub" | "fwd"
+    kind: str                  # "leaf" | "saved" | "base" | "unview" | "sub" | "fwd" | "rec"
     node: int
-    attr: str = ""             # for "saved" and "base"
+    attr: str = ""             # "saved" and "base": the attribute; "rec": the output number
     ins: tuple[int, ...] = ()  # "fwd": value slot per input position (-1: none); "unview": one
     outs: tuple[int, ...] = ()  # value slot per forward output (-1: unused)
 
@@ -53,6 +54,8 @@ class ValueOp:
             return f"v{self.outs[0]} = v{self.ins[0]} - v{self.ins[1]}  (#{self.node})"
         if self.kind == "unview":
             return f"v{self.outs[0]} = inverse(#{self.node})(v{self.ins[0]})"
+        if self.kind == "rec":
+            return f"v{self.outs[0]} = recorded(#{self.node}:{self.attr})"
         what = {"leaf": "variable", "base": f"{self.attr}._base"}.get(self.kind, self.attr)
         return f"v{self.outs[0]} = #{self.node}.{what}"
 
@@ -238,6 +241,8 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
         node_ok(v.node, where)
         if v.kind in ("saved", "base") and not v.attr.startswith("_saved_"):
             raise PlanError(f"{where}: attribute {v.attr!r} is not a saved attribute")
+        if v.kind == "rec" and not v.attr.isdigit():
+            raise PlanError(f"{where}: recorded output {v.attr!r} is not an output number")
         for s in v.ins:
             if s != -1 and s not in written_val:
                 raise PlanError(f"{where}: value slot {s} read before it is written")

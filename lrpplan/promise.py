@@ -299,8 +299,8 @@ class ValueResolver:
             pid = e[0]
             spec = OPS.get(g.types[pid])
             if spec is None or spec.forward is None:
-                self.recipes[e] = None
-                if spec is None:
+                self.recipes[e] = self._recorded(e)
+                if spec is None and self.recipes[e] is None:
                     self.blocked_by[e] = pid
                 stack.pop()
                 continue
@@ -333,7 +333,7 @@ class ValueResolver:
                 else:
                     pending.append(child)
             if not ok:
-                self.recipes[e] = None
+                self.recipes[e] = self._recorded(e)
                 stack.pop()
             elif pending:
                 stack.extend(pending)
@@ -341,6 +341,13 @@ class ValueResolver:
                 self.recipes[e] = ("fwd", pid, ins)
                 stack.pop()
         return self.recipes[edge]
+
+    def _recorded(self, edge: Edge) -> Optional[Recipe]:
+        """``("rec", node, output)``: the value as recorded during the forward pass, the last
+        resort when the graph neither holds nor can recompute it (:mod:`lrpplan.recording`)."""
+        if edge in self.graph.recorded:
+            return ("rec", edge[0], str(edge[1]))
+        return None
 
     def release(self) -> None:
         """Drop the callbacks: they point back at the tracer, a reference cycle that would keep
@@ -391,7 +398,7 @@ class ValueResolver:
                 self.slots[e] = slot
                 stack.pop()
                 continue
-            if kind in ("leaf", "saved", "base"):
+            if kind in ("leaf", "saved", "base", "rec"):
                 slot = self.new_slot()
                 op = ValueOp(kind, rec[1], rec[2] if kind != "leaf" else "", (), (slot,))
                 self.emit(op, chain)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import LRPError, PlanError, RuleError
+from .errors import LRPError, PlanError, RuleError, UnrecoverableValueError
 from .graph import Graph
 from .ledger import LedgerRows
 from .plan import Plan, Step, ValueOp
@@ -166,6 +166,16 @@ class Executor:
     def op_sub(self, op: ValueOp) -> None:
         self.val[op.outs[0]] = self.val[op.ins[0]] - self.val[op.ins[1]]
 
+    def op_rec(self, op: ValueOp) -> None:
+        value = self.graph.recorded.get((op.node, int(op.attr)))
+        if value is None:
+            raise UnrecoverableValueError(
+                f"this plan reads the value of {self.graph.types[op.node]} #{op.node} as "
+                "recorded during the forward pass (autograd keeps it nowhere), and this forward "
+                "was not recorded: explain with lrpplan.explain(model, ...) or an Explainer, "
+                "which run and record the forward; lrpplan.attribute cannot")
+        self.val[op.outs[0]] = value
+
     def op_fwd(self, op: ValueOp) -> None:
         node = self.nodes[op.node]
         fwd = OPS[type(node).__name__].forward
@@ -276,7 +286,8 @@ class Executor:
 
 
 _VALUE_OPS = {"leaf": Executor.op_leaf, "saved": Executor.op_saved, "base": Executor.op_base,
-              "unview": Executor.op_unview, "sub": Executor.op_sub, "fwd": Executor.op_fwd}
+              "unview": Executor.op_unview, "sub": Executor.op_sub, "fwd": Executor.op_fwd,
+              "rec": Executor.op_rec}
 
 
 def replay(plan: Plan, graph: Graph, seeds: Sequence[tuple[int, torch.Tensor]],

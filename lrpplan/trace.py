@@ -29,6 +29,11 @@ _UNSUPPORTED_HINTS = {
 }
 
 
+_RECORD_REMEDY = (" (it was overwritten in place, or its inputs were). lrpplan.explain(model, "
+                  "...) and Explainer run the forward themselves and record such values; "
+                  "lrpplan.attribute, which gets a finished forward, cannot")
+
+
 class Tracer:
     """Traces one graph and compiles its plan.
 
@@ -252,7 +257,8 @@ class Tracer:
                     raise unsupported(blocker)
                 raise UnrecoverableValueError(
                     f"{ntype} ({g.describe(n)}) needs the forward value of input {pos}, which "
-                    "autograd saved nowhere and which cannot be recomputed from the graph")
+                    "autograd saved nowhere and which cannot be recomputed from the graph"
+                    + ("" if g.recorded else _RECORD_REMEDY))
             branch = None
             if e not in self.values.slots and self.values.recipe(e)[0] == "fwd":
                 if promise is None:
@@ -382,12 +388,19 @@ class Tracer:
             "promise_tree_nodes": sum(b.tree_nodes for p in self.promises for b in p.branches),
             "promise_density": len(self.promises) / max(1, len(self.g)),
             "constants_taken_as_zero": self.constants_taken_as_zero + self.values.lost_constants,
+            # values read as recorded during the forward pass (lrpplan.recording)
+            "recorded_values": sum(op.kind == "rec" for s in steps for op in _chains(s)),
         }
         header = {"format": PLAN_FORMAT_VERSION, "torch": torch_minor(), "roots": root_slots,
                   "rules": self.ruleset.config()}
         return Plan(key="", header=header, steps=tuple(steps), n_rel=len(self.rel_slot),
                     n_val=self.n_val, targets=tuple(self.targets),
                     assumptions=tuple(dict.fromkeys(self.assumptions)), stats=stats)
+
+
+def _chains(step: Step) -> list[ValueOp]:
+    """The value ops of a step and of the steps in its body."""
+    return list(step.chain) + [op for b in step.body for op in _chains(b)]
 
 
 def _replace(step: Step, **changes: Any) -> Step:

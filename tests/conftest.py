@@ -64,6 +64,7 @@ def _fresh_warnings():
 
     api._WARNED.clear()
     api._WARNED_TRAINING.clear()
+    api._RECORDING_MODELS.clear()
     yield
 
 
