@@ -47,6 +47,32 @@ def rows():
                 model = builder(attn, dtype)
                 module, x, kwargs, _ = tf.make_inputs(name, model, dtype, kinds[0])
                 yield name, f"{attn} {dt} {kinds[0]}", lrpplan.coverage(module, x, **kwargs)
+    yield from issue15_rows()
+
+
+def issue15_rows():
+    """The zoo additions of issue 15 (their checks live in the named test modules): MoE models,
+    Bloom, Falcon, an LSTM language model, a GRU classifier, a graph network with scatter-based
+    message passing and a super-resolution CNN with pixel shuffle; 2 layers, fp32."""
+    import transformers
+    from tests import test_moe, test_recurrent, test_rules_longtail
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    for name in ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"):
+        yield name, "grouped_mm fp32 ids", lrpplan.coverage(test_moe.build(name), ids)
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    yield "bloom", "fp32 ids", lrpplan.coverage(bloom, ids)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)).eval()
+    yield "falcon", "fp32 ids", lrpplan.coverage(falcon, ids)
+    for name, factory in (("lstm_lm", test_recurrent.LSTMLanguageModel),
+                          ("gru_classifier", test_recurrent.GRUClassifier)):
+        for dtype in (torch.float32, torch.float64):
+            model = factory().to(dtype).eval()
+            yield name, f"{str(dtype)[6:]} ids", lrpplan.coverage(model, ids)
+    for name, (factory, make_input, _) in test_rules_longtail.ZOO.items():
+        yield name, "fp32", lrpplan.coverage(factory().eval(), make_input(2))
 
 
 def main() -> int:
