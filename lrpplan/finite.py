@@ -75,10 +75,7 @@ class CheckingExecutor(Executor):
             super().rule(b)
         finally:
             self._step = None
-        rows = getattr(self, "rows", None)  # the rule steps' rows, as the executor keeps them
-        if not isinstance(rows, list):
-            rows = list(self.ledger_rows)
-        row = rows[-1] if rows else None
+        row = self.rows[-1] if self.rows else None  # the row this rule step just added
         if row is not None and row[0] == b.step.node and \
                 not bool(_all_finite(list(_tensors(row[1:])))):
             self._fail(b, "its ledger sums (relevance in, out or absorbed)")
@@ -93,7 +90,7 @@ def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Ex
     non-finite value. ``seeds`` must be finite (the caller checks them).
     """
     parts = [r for r in ex.results if r is not None]
-    parts += [t for row in getattr(ex, "ledger_rows", ()) for t in _tensors(row[1:])]
+    parts += [t for row in ex.ledger_rows for t in _tensors(row[1:])]
     if bool(_all_finite(parts)):
         return
     checker = CheckingExecutor(graph, plan.n_rel, plan.n_val, len(plan.targets))

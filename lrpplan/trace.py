@@ -332,7 +332,7 @@ class Tracer:
         other node or to an explained tensor that relevance does not flow on from (the input
         layer is the one next to the deepest explained tensors)."""
         g = self.g
-        while e is not None and not (e in self.target_of and not self._live[e[0]]):
+        while e is not None and not self._terminal_target(e):
             spec = OPS.get(g.types[e[0]])
             if spec is None or not (spec.rule == "identity"
                                     or get_rule(spec.rule).routes_relevance):
@@ -353,7 +353,7 @@ class Tracer:
 
     def _source_type(self, e: Optional[Edge]) -> str:
         end = self._below_routing(e)
-        if end is None or (end in self.target_of and not self._live[end[0]]):
+        if end is None or self._terminal_target(end):
             return ""
         return self.g.types[end[0]]
 
