@@ -98,10 +98,33 @@ def test_attribute_with_a_plan_that_reads_recorded_values(tmp_path):
         lrpplan.attribute(score, xx, rules=LRP0, cache=tmp_path)
 
 
+class Residual(nn.Module):
+    """``b(relu(a(x)) + c(x))``, bias-free: every value recoverable (saved or recomputed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 2, bias=False)
+        self.c = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) + self.c(x))
+
+
 def test_models_that_need_no_recording_do_not_record():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
-    attr = lrpplan.explain(model, torch.randn(3, 4, dtype=torch.float64), cache=False)
+    from lrpplan import api
+    torch.manual_seed(0)
+    model = Residual().double().eval()  # the addition's operands come from the resolver
+    x = torch.randn(3, 4, dtype=torch.float64)
+    attr = lrpplan.explain(model, x, target=1, rules=LRP0, cache=False)
+    assert model not in api._RECORDING_MODELS  # no second, recorded forward
     assert attr.plan.stats["recorded_values"] == 0
+    # recording forced on: recorded values are the last resort, the plan reads the graph's own
+    api._RECORDING_MODELS.add(model)
+    forced = lrpplan.explain(model, x, target=1, rules=LRP0, cache=False)
+    assert forced.plan.stats["recorded_values"] == 0
+    torch.testing.assert_close(forced.relevance, _grad_times_input(model, x, 1),
+                               rtol=1e-10, atol=1e-13)
 
 
 def test_recording_copies_a_value_before_its_storage_is_written():
