@@ -21,10 +21,10 @@ from .ledger import Ledger
 from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
 from .recording import ForwardRecording
-from .replay import bind, replay
+from .replay import DetailedExecutor, Executor, Program, TracingExecutor, bind
 from .rules import token_indices
 from .targets import Target, is_callable_target, last_real_positions, output_tensor, select_scores
-from .trace import Tracer
+from .trace import compile_plan
 
 CacheArg = Union[PlanCache, str, "os.PathLike[str]", bool, None]
 
@@ -75,9 +75,9 @@ class _PlanStore:
 
     def __init__(self, cache: Optional[PlanCache]) -> None:
         self.cache = cache
-        self.memory: dict[str, tuple[Plan, list]] = {}
+        self.memory: dict[str, tuple[Plan, Program]] = {}
 
-    def get(self, key: str, n_nodes: int) -> Optional[tuple[Plan, list]]:
+    def get(self, key: str, n_nodes: int) -> Optional[tuple[Plan, Program]]:
         hit = self.memory.get(key)
         if hit is not None:
             return hit
@@ -92,12 +92,12 @@ class _PlanStore:
         plan = self.cache.get(key, load)
         if plan is None:
             return None
-        hit = (plan, bind(plan.steps))
+        hit = (plan, bind(plan))
         self.memory[key] = hit
         return hit
 
-    def put(self, plan: Plan) -> None:
-        self.memory[plan.key] = (plan, bind(plan.steps))
+    def put(self, plan: Plan, program: Program) -> None:
+        self.memory[plan.key] = (plan, program)
         if self.cache is not None:
             self.cache.put(plan.key, encode(plan))
 
@@ -121,8 +121,20 @@ def _relevance_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+#: ``ledger=`` choices: the executor a replay runs with
+_LEDGER_EXECUTORS: dict[str, type[Executor]] = {"totals": Executor, "nodes": DetailedExecutor}
+
+
+def _ledger_executor(ledger: str) -> type[Executor]:
+    try:
+        return _LEDGER_EXECUTORS[ledger]
+    except (KeyError, TypeError):
+        raise InvalidInputError(f"ledger={ledger!r}: use 'totals' (exact totals, the default) "
+                                "or 'nodes' (also one row per node)") from None
+
+
 def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
-              cache: CacheArg = None) -> Attribution:
+              cache: CacheArg = None, ledger: str = "totals") -> Attribution:
     """Propagate relevance from ``output`` back to ``inputs`` through the autograd graph.
 
     Parameters
@@ -139,6 +151,10 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
         a preset name or a :class:`RuleSet` (default ``"epsilon"``).
     cache:
         a :class:`PlanCache`, a directory, ``None`` (default cache) or ``False`` (no cache).
+    ledger:
+        ``"totals"`` (default): a replay keeps the ledger's exact totals; ``"nodes"``: also one
+        row per node (inflow, outflow, absorbed; :meth:`Ledger.leaks`), one reduction per
+        deposit more. The first explanation of a graph always keeps the rows.
 
     Returns
     -------
@@ -147,7 +163,8 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
     outputs, _ = _as_list(output)
     ins, single = _as_list(inputs)
     targets = [{"kind": "tensor", "input": k} for k in range(len(ins))]
-    result = _attribute(outputs, seed, rules, cache, ins, targets)
+    result = _attribute(outputs, seed, rules, cache, ins, targets,
+                        executor=_ledger_executor(ledger))
     rel = result[0]
     return Attribution(rel[0] if single else tuple(rel), output, None, *result[1:])
 
@@ -155,7 +172,8 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
 def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                targets: list[dict], token_inputs: Sequence[int] = (),
                recorder: Optional[ModuleRecorder] = None,
-               recording: Optional[ForwardRecording] = None):
+               recording: Optional[ForwardRecording] = None,
+               executor: type[Executor] = Executor):
     for o in outputs:
         if isinstance(o, torch.Tensor) and o.grad_fn is None and (
                 o.is_inference() or torch.is_inference_mode_enabled()):
@@ -208,7 +226,7 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                       ruleset.config(), extra=matched)
     store = _store_for(cache)
     with torch.no_grad(), _no_autocast():
-        result = _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of)
+        result = _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of, executor)
     plan = result[-1]
     lost = plan.stats.get("constants_taken_as_zero", 0)
     if lost:
@@ -231,17 +249,18 @@ def _no_autocast() -> contextlib.ExitStack:
 
 
 def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: list,
-         ruleset: RuleSet, ins: list, module_of: dict[int, str]):
+         ruleset: RuleSet, ins: list, module_of: dict[int, str],
+         executor: type[Executor] = Executor):
     hit = store.get(key, len(graph))
     cached = hit is not None
     if hit is not None:
-        plan, bound = hit
-        ex = replay(plan, graph, list(zip(plan.header["roots"], seeds)), bound)
+        plan, program = hit
+        ex = executor(graph, plan, program).run(seeds)
     else:
-        plan, ex = Tracer(graph, plan_targets, ruleset, module_of).run(seeds)
-        plan = Plan(key, plan.header, plan.steps, plan.n_rel, plan.n_val, plan.targets,
-                    plan.assumptions, plan.stats)
-        store.put(plan)
+        plan = compile_plan(graph, plan_targets, ruleset, key, module_of)
+        program = bind(plan)
+        ex = TracingExecutor(graph, plan, program).run(seeds)
+        store.put(plan, program)
     # results per explained input
     out: list[Optional[torch.Tensor]] = [None] * len(ins)
     for k, t in enumerate(plan.targets):
@@ -256,7 +275,7 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
         if out[i] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             out[i] = torch.zeros(x.shape, dtype=seeds[0].dtype, device=x.device)
     check_finite(graph, plan, seeds, ex)  # finite relevance, or the node that broke it
-    ledger = Ledger(seeds, ex.results, ex.ledger_rows, graph.types)
+    ledger = Ledger(seeds, ex.book(), graph.types)
     return out, ledger, cached, plan.key, plan
 
 
@@ -289,17 +308,20 @@ class Explainer:
     (False, True)
     """
 
-    def __init__(self, model: torch.nn.Module, rules: Any = None, cache: CacheArg = None) -> None:
+    def __init__(self, model: torch.nn.Module, rules: Any = None, cache: CacheArg = None,
+                 ledger: str = "totals") -> None:
         self.model = model
         self.rules = RuleSet.ensure(rules)
         self._store = _PlanStore(PlanCache.ensure(cache))
+        self._executor = _ledger_executor(ledger)
 
     def __call__(self, *args: Any, target: Target = None, **kwargs: Any) -> Attribution:
-        return _explain(self.model, args, target, self.rules, self._store, kwargs)
+        return _explain(self.model, args, target, self.rules, self._store, kwargs,
+                        self._executor)
 
 
 def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: Any = None,
-            cache: CacheArg = None, **kwargs: Any) -> Attribution:
+            cache: CacheArg = None, ledger: str = "totals", **kwargs: Any) -> Attribution:
     """Run ``model(*args, **kwargs)`` and explain the target score of each sample.
 
     Positional arguments are the explained inputs (floating-point tensors get relevance of their
@@ -314,8 +336,12 @@ def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: An
     :mod:`lrpplan.targets`); for sequence logits the explained position of each sample is its
     last real token when an ``attention_mask`` (decoder-only models) or a
     ``decoder_attention_mask`` is passed, else the last position.
+
+    ``ledger``: ``"totals"`` (default) or ``"nodes"`` (per-node rows on a replay too; see
+    :func:`attribute`).
     """
-    return _explain(model, args, target, RuleSet.ensure(rules), _store_for(cache), kwargs)
+    return _explain(model, args, target, RuleSet.ensure(rules), _store_for(cache), kwargs,
+                    _ledger_executor(ledger))
 
 
 def _explained_positions(model: Any, kwargs: dict, batch: int) -> Optional[torch.Tensor]:
@@ -344,7 +370,8 @@ def _uncompiled(model: Any) -> Any:
     return model
 
 
-def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
+def _explain(model, args, target, ruleset, store, kwargs,
+             executor: type[Executor] = Executor) -> Attribution:
     """Run the model and explain the target scores (``explain`` and ``Explainer``). A
     ``torch.compile``d model is explained through the module it wraps (:func:`_uncompiled`):
     same parameters, same relevance as explaining that module.
@@ -369,7 +396,7 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
     record = _records_forward(model)
     while True:
         try:
-            return _explain_once(model, ins, target, ruleset, store, kwargs, record)
+            return _explain_once(model, ins, target, ruleset, store, kwargs, record, executor)
         except UnrecoverableValueError:
             if record:
                 raise
@@ -377,7 +404,8 @@ def _explain(model, args, target, ruleset, store, kwargs) -> Attribution:
             _remember_recording(model)
 
 
-def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool) -> Attribution:
+def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool,
+                  executor: type[Executor] = Executor) -> Attribution:
     """One forward pass (recorded when ``record``) and its explanation."""
     first = next((a for a in ins if isinstance(a, torch.Tensor)), None)
     batch = first.shape[0] if first is not None and first.dim() > 0 else 1
@@ -410,7 +438,8 @@ def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool) -> A
         token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
                         and not a.is_floating_point() and not a.is_complex()]
         rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins,
-                                                    targets, token_inputs, recorder, recording)
+                                                    targets, token_inputs, recorder, recording,
+                                                    executor)
     finally:
         _restore_buffers(buffers)
         if recording is not None:

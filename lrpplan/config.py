@@ -23,34 +23,8 @@ import fnmatch
 from typing import Any, Mapping, Optional, Sequence
 
 from .rules import OPS, RULES
+from .rules.presets import PRESETS
 
-_CONV = "ConvolutionBackward0"
-_DENSE = ("AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "BaddbmmBackward0")
-_LINEAR = (_CONV,) + _DENSE
-
-
-def _first(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {t: dict(params) for t in _LINEAR}
-
-
-#: preset -> (rule_params, type_params, first_params); the Zennit-named ones follow Zennit's
-#: composites: EpsilonPlus, EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
-PRESETS: dict[str, tuple[dict, dict, dict]] = {
-    "epsilon": ({}, {}, {}),
-    "epsilon-plus": ({}, {_CONV: {"variant": "zplus"}}, {}),
-    "epsilon-alpha2-beta1": ({}, {_CONV: {"variant": "alphabeta", "alpha": 2.0, "beta": 1.0}}, {}),
-    "epsilon-gamma": ({}, {_CONV: {"variant": "gamma", "gamma": 0.25}}, {}),
-    "epsilon-gamma-box": ({}, {_CONV: {"variant": "gamma", "gamma": 0.25}},
-                          _first({"variant": "zbox"})),
-    "epsilon-plus-flat": ({}, {_CONV: {"variant": "zplus"}}, _first({"variant": "flat"})),
-    "zplus": ({"linear": {"variant": "zplus"}}, {}, {}),
-    # AttnLRP (Achtibat et al. 2024): ε on linear layers, uniform rule on bilinear products,
-    # softmax rule, identity through normalisers: lrpplan's defaults, named explicitly
-    "attnlrp": ({"linear": {"attention": "attnlrp"}, "sdpa": {"attention": "attnlrp"}}, {}, {}),
-    # CP-LRP (Ali et al. 2022): attention weights treated as constants; relevance flows
-    # through the value path only
-    "cp-lrp": ({"linear": {"attention": "cp"}, "sdpa": {"attention": "cp"}}, {}, {}),
-}
 
 def _rules_reading(param: str) -> tuple[str, ...]:
     """The registered rules that declare ``param`` among their defaults."""

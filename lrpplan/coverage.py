@@ -17,7 +17,7 @@ from .api import _explain, _store_for
 from .config import RuleSet
 from .errors import UnsupportedOperation
 from .graph import capture
-from .rules import OPS
+from .rules import OPS, RULES
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def coverage(model: torch.nn.Module, *inputs: Any, rules: Any = None,
     counts = Counter(graph.types)
     rows = []
     for node_type, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        if node_type == "AccumulateGrad":
+        spec = OPS.get(node_type)
+        if spec is not None and spec.leaf:
             rule, covered = "leaf", True
         else:
             rule = ruleset.resolve(node_type)[0] or ""
@@ -115,21 +116,28 @@ _NEEDS_VALUES = {"add", "linear_map", "softmax", "linear", "share", "centred_nor
 
 
 def rule_table() -> str:
-    """Markdown table of the registry: node type → rule → saved values read → Promise role."""
-    lines = ["| node type | default rule | saved values read | Promise role |",
-             "|---|---|---|---|"]
+    """Markdown table of the registry: node type → rule → static attributes (in the plan key)
+    → attributes read at run time → gradient → Promise role."""
+    lines = ["| node type | default rule | static (in the key) | read at run time | gradient "
+             "| Promise role |", "|---|---|---|---|---|---|"]
     for name in sorted(OPS):
         spec = OPS[name]
-        saved = sorted(set(spec.saved_inputs.values()) | set(spec.saved_outputs.values()))
+        if spec.leaf:
+            continue
+        saved = {s.replace("_saved_", "") for s in
+                 (*spec.saved_inputs.values(), *spec.saved_outputs.values())}
+        reads = sorted(saved | set(spec.reads)) + list(spec.meta)
+        static = list(spec.attrs) + list(spec.facts)
         role = []
         if spec.rule in _NEEDS_VALUES:
             role.append("Promise origin when an input value is saved nowhere")
         if spec.saved_outputs:
             role.append("Arg node (saves its output)")
-        if spec.forward is not None:
-            role.append("forward-replayable (internal node)")
-        else:
-            role.append("not replayable")
-        lines.append(f"| {name} | {spec.rule} | {', '.join(s.replace('_saved_', '') for s in saved) or '—'}"
-                     f" | {'; '.join(role)} |")
+        role.append("forward-replayable (internal node)" if spec.forward is not None
+                    else "not replayable")
+        gradient = "—"
+        if RULES[spec.rule].uses_gradient:
+            gradient = "pure" if spec.vjp is not None else "the node's own"
+        lines.append(f"| {name} | {spec.rule} | {', '.join(static) or '—'} "
+                     f"| {', '.join(reads) or '—'} | {gradient} | {'; '.join(role)} |")
     return "\n".join(lines)

@@ -2,19 +2,21 @@
 
 In the key:
 - every node's type and its input edges ``(producer id, output number)`` (``None`` edges too);
-- the non-tensor saved attributes each op spec lists as ``key_attrs`` (dims, flags, groups...);
+- each node's static attributes, the op spec's ``attrs`` and ``facts`` (dims, kernel sizes,
+  flags, groups, the number of outputs of a split, whether a convolution has a bias, the class
+  of a custom Function): :meth:`lrpplan.rules.base.OpSpec.static`, the same function that puts
+  them into the plan's steps;
 - per input of an op that broadcasts (``OpSpec.broadcasts``: add, mul, div...), its broadcast
   pattern (leading dims it lacks, whether it is expanded at all) and whether it has the output's
   dtype (:func:`lrpplan.rules.layout.operand_facts`);
-- the facts :data:`lrpplan.rules.layout.NODE_FACTS` lists per node type (the number of outputs
-  of a split, whether a convolution has a bias, whether attention ran with dropout), and the
-  number of outputs of a node lrpplan has no op spec for;
+- the number of outputs of a node lrpplan has no op spec for;
 - the root and target edges (which tensors relevance starts from and is collected at);
 - the rule configuration, the plan format version and torch's major.minor version.
 
-Deliberately not in the key: sizes (``*_sym_sizes``), slice bounds, split sizes and indices.
-They follow batch size and sequence length; rules and forward replays read them from the live
-graph at run time, so one plan serves every batch size with the same structure. What a rule or a
+Deliberately not in the key: sizes (``*_sym_sizes``), slice bounds, split sizes and indices
+(an op spec's ``reads``). They follow batch size and sequence length; graph-read value ops read
+them from the live graph at run time, so one plan serves every batch size with the same
+structure. What a rule or a
 value source *decides* from sizes, values or dtypes at trace time (DESIGN.md invariant 7) is
 reduced to the structural facts above, computed by the same functions the decisions call.
 """
@@ -27,14 +29,15 @@ import torch
 import xxhash
 
 from .graph import Edge, Graph
-from .rules.base import OPS
-from .rules.layout import NODE_FACTS, operand_facts, unknown_node_fact
+from .rules.custom import spec_for
+from .rules.layout import operand_facts, unknown_node_fact
 
 #: bump when the meaning of a plan changes, or when plans compiled now are better than the
 #: cached ones (2: value sources without recomputation -- views' bases, inverted views,
 #: output minus operand, ReLU results -- and the value-op kinds that record them; 3: broadcast
-#: patterns and per-node facts in the key, product-rule decisions taken from them)
-PLAN_FORMAT_VERSION = 3
+#: patterns and per-node facts in the key, product-rule decisions taken from them; 4: steps as
+#: equations -- static attributes in the steps, run-time attributes read by value ops)
+PLAN_FORMAT_VERSION = 4
 
 
 def torch_minor() -> str:
@@ -56,21 +59,17 @@ def node_record(node: Any, node_type: str, edges: Sequence[Edge | None],
                 nodes: Sequence[Any] | None = None) -> list:
     """What one node contributes to the key (``nodes``: the graph's nodes by id, needed for
     the broadcast patterns of ops that broadcast)."""
-    spec = OPS.get(node_type)
-    attrs = []
+    spec = spec_for(node, node_type)
+    attrs: list = []
     if spec is not None:
-        for name in spec.key_attrs:
-            attrs.append(_plain(getattr(node, "_saved_" + name, None)))
+        attrs.append(_plain(sorted(spec.static(node).items())))
         if spec.broadcasts:
             if nodes is None:
                 raise ValueError(f"node_record of {node_type} needs the graph's nodes")
             attrs.append(operand_facts(node, [None if e is None else (nodes[e[0]], e[1])
                                               for e in edges]))
-        fact = NODE_FACTS.get(node_type)
-        if fact is not None:
-            attrs.append(_plain(fact(node)))
     else:
-        attrs.append(unknown_node_fact(node_type, node))
+        attrs.append(unknown_node_fact(node))
     return [node_type, [None if e is None else list(e) for e in edges], attrs]
 
 

@@ -15,8 +15,8 @@ import torch
 
 from .errors import NonFiniteError
 from .graph import Graph
-from .plan import Plan
-from .replay import BoundStep, Executor, bind
+from .plan import Plan, Step
+from .replay import DetailedExecutor, Executor, RuleCall
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -44,17 +44,16 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(flags).all()
 
 
-class CheckingExecutor(Executor):
-    """An :class:`~lrpplan.replay.Executor` that checks every deposit a rule makes (and the
-    rule's ledger sums) and raises :class:`~lrpplan.errors.NonFiniteError` at the first
+class CheckingExecutor(DetailedExecutor):
+    """A :class:`~lrpplan.replay.DetailedExecutor` that checks every deposit a rule makes (and
+    the rule's ledger sums) and raises :class:`~lrpplan.errors.NonFiniteError` at the first
     non-finite one, naming the node. Slow (a synchronisation per deposit): for locating only."""
 
-    def __init__(self, graph: Graph, n_rel: int, n_val: int, n_targets: int) -> None:
-        super().__init__(graph, n_rel, n_val, n_targets)
-        self._step: Optional[BoundStep] = None
+    def __init__(self, graph: Graph, plan: Plan) -> None:
+        super().__init__(graph, plan)
+        self._step: Optional[Step] = None
 
-    def _fail(self, b: BoundStep, what: str) -> None:
-        s = b.step
+    def _fail(self, s: Step, what: str) -> None:
         node_type = self.graph.types[s.node]
         raise NonFiniteError(
             f"relevance became non-finite at {node_type} ({self.graph.describe(s.node)}), "
@@ -62,23 +61,23 @@ class CheckingExecutor(Executor):
             "infinity, though the explained output is finite",
             node=s.node, node_type=node_type, rule=s.rule)
 
-    def deposit(self, slot: int, t: torch.Tensor, sums: Optional[list] = None) -> None:
-        super().deposit(slot, t, sums)
-        b = self._step
-        if b is not None and not bool(torch.isfinite(t).all()):
-            pos = b.step.rel_out.index(slot) if slot in b.step.rel_out else -1
-            self._fail(b, f"the relevance it sent to input {pos}")
+    def deposit(self, slot: int, t: torch.Tensor) -> None:
+        super().deposit(slot, t)
+        s = self._step
+        if s is not None and not bool(torch.isfinite(t).all()):
+            pos = s.rel_out.index(slot) if slot in s.rel_out else -1
+            self._fail(s, f"the relevance it sent to input {pos}")
 
-    def rule(self, b: BoundStep) -> None:
-        self._step = b
+    def rule(self, s: Step, call: RuleCall) -> None:
+        self._step = s
         try:
-            super().rule(b)
+            super().rule(s, call)
         finally:
             self._step = None
         row = self.rows[-1] if self.rows else None  # the row this rule step just added
-        if row is not None and row[0] == b.step.node and \
+        if row is not None and row[0] == s.node and \
                 not bool(_all_finite(list(_tensors(row[1:])))):
-            self._fail(b, "its ledger sums (relevance in, out or absorbed)")
+            self._fail(s, "its ledger sums (relevance in, out or absorbed)")
 
 
 def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Executor) -> None:
@@ -89,14 +88,13 @@ def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Ex
     the plan re-run, with every deposit checked, to name the first node that produced a
     non-finite value. ``seeds`` must be finite (the caller checks them).
     """
-    parts = [r for r in ex.results if r is not None]
-    parts += [t for row in ex.ledger_rows for t in _tensors(row[1:])]
+    book = ex.book()
+    parts = [r for r in book.results if r is not None] + [t for _, t in book.absorbed]
+    if book.rows is not None:
+        parts += [t for row in book.rows for t in _tensors(row[1:3])]
     if bool(_all_finite(parts)):
         return
-    checker = CheckingExecutor(graph, plan.n_rel, plan.n_val, len(plan.targets))
-    for slot, seed in zip(plan.header["roots"], seeds):
-        checker.deposit(slot, seed)
-    checker.run(bind(plan.steps))
+    CheckingExecutor(graph, plan).run(seeds)
     raise NonFiniteError(
         "the relevance (or a ledger sum) holds NaN or infinity though the explained output is "
         "finite, and a checked re-run of the plan did not reproduce it at any node")

@@ -89,17 +89,9 @@ class Graph:
             if len(path) > 1 else f"node #{node_id} of {len(self.nodes)} (a root)"
 
 
-def capture(roots: Sequence[tuple[Any, int]], record: Any = None) -> Graph:
-    """Walk the autograd graph from ``roots`` (pairs ``(grad_fn, output_nr)``).
-
-    Parameters
-    ----------
-    roots:
-        starting edges; every node must be a ``torch.autograd.graph.Node``.
-    record:
-        optional callback ``record(node, type_name, child_edges)`` called once per node in
-        canonical order after ids are assigned (the fingerprint uses it).
-    """
+def capture(roots: Sequence[tuple[Any, int]]) -> Graph:
+    """Walk the autograd graph from ``roots`` (pairs ``(grad_fn, output_nr)``; every node a
+    ``torch.autograd.graph.Node``)."""
     post: list[Any] = []
     seen: dict[Any, None] = {}
     nexts: dict[Any, tuple] = {}

@@ -10,20 +10,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from .errors import LRPError
+
 #: node id of the rows that book relevance left on an edge that leads nowhere
 DROPPED = -1
+_DROPPED_TYPE = "(dropped: edge leads nowhere)"
 
 
-class LedgerRows(list):
-    """The executor's rows ``(node, received sums, sent sums, absorbed sums)`` (0-d tensors),
-    with ``through``: per target, whether its relevance also flows on (an explained
-    intermediate tensor, not counted at the inputs)."""
+@dataclass
+class Book:
+    """What an executor hands the ledger: the results per target, per target whether its
+    relevance also flows on (an explained intermediate tensor, not counted at the inputs),
+    ``(node, 0-d tensor)`` for everything a step absorbed, and the per-node rows
+    ``(node, received sums, sent sums, absorbed sums)`` when the detail was kept (else None)."""
 
-    through: Sequence[bool] = ()
+    results: list
+    through: list
+    absorbed: list
+    rows: Optional[list]
 
 
 @dataclass(frozen=True)
@@ -62,22 +70,37 @@ class Ledger:
     """Σ start = Σ at attributed tensors + Σ absorbed, and per node inflow − outflow = absorbed,
     checked by :meth:`closes`.
 
+    The totals are exact on every explanation. The per-node rows (:attr:`rows`, :meth:`leaks`)
+    exist where the run kept them: the first explanation of a graph, and replays asked for
+    ``ledger="nodes"`` (a replay's default keeps the totals only: no reduction per deposit).
+
     Sums are kept as 0-d tensors during the run and turned into floats only when read (one
     stack, one transfer), so an explanation triggers no host-device synchronisation unless the
     ledger is inspected.
     """
 
-    def __init__(self, seeds: Sequence[torch.Tensor], results: Sequence, rows, types) -> None:
+    def __init__(self, seeds: Sequence[torch.Tensor], book: Book, types) -> None:
         self._seeds = list(seeds)
-        self._results = list(results)
-        self._rows = rows
-        self._through = list(getattr(rows, "through", ()) or ())
+        self._results = list(book.results)
+        self._through = list(book.through)
+        self._absorbed = list(book.absorbed)
+        self._rows = book.rows
         self._types = types
+
+    @property
+    def detail(self) -> bool:
+        """The per-node rows were kept (first explanation, or ``ledger="nodes"``)."""
+        return self._rows is not None
 
     @cached_property
     def rows(self) -> list[LedgerRow]:
         """One row per propagated node (in plan order), then one per edge whose relevance was
-        left where it leads nowhere."""
+        left where it leads nowhere. Only where the run kept the detail (:attr:`detail`)."""
+        if self._rows is None:
+            raise LRPError(
+                "this explanation replayed a cached plan keeping the ledger's totals only; "
+                "pass ledger='nodes' (lrpplan.explain, Explainer, attribute) for one row per "
+                "node (inflow, outflow, absorbed) and Ledger.leaks()")
         parts = [t for r in self._rows for t in (*r[1], *r[2], *_absorbed_parts(r))]
         values = iter(torch.stack([t.detach().reshape(()).to(torch.float64) for t in parts])
                       .cpu().tolist() if parts else [])
@@ -87,7 +110,7 @@ class Ledger:
             inflow = sum(next(values) for _ in ins)
             outflow = sum(next(values) for _ in outs)
             absorbed = sum(next(values) for _ in _absorbed_parts(r))
-            node_type = "(dropped: edge leads nowhere)" if node == DROPPED else self._types[node]
+            node_type = _DROPPED_TYPE if node == DROPPED else self._types[node]
             out.append(LedgerRow(node, node_type, float(inflow), float(outflow), float(absorbed)))
         return out
 
@@ -105,8 +128,12 @@ class Ledger:
 
     @cached_property
     def absorbed(self) -> float:
-        """Σ of what the rules report their nodes absorb."""
-        return float(sum(r.absorbed for r in self.rows))
+        """Σ of what the rules report their nodes absorb (and relevance dropped on edges that
+        lead nowhere)."""
+        if not self._absorbed:
+            return 0.0
+        parts = torch.stack([t.detach().reshape(()).to(torch.float64) for _, t in self._absorbed])
+        return float(parts.sum())
 
     @property
     def residual(self) -> float:
@@ -126,22 +153,32 @@ class Ledger:
         1. globally, ``|start − at_inputs − absorbed| ≤ atol + rtol · max(|start|, |at_inputs|,
            |absorbed|, 1)``, where ``absorbed`` is the sum of what the rules report (never
            inflow − outflow);
-        2. per node, :meth:`leaks` with the same ``rtol`` and ``atol`` is empty: every node's
-           inflow − outflow equals what its rule reports it absorbs.
+        2. where the run kept the detail (:attr:`detail`), per node, :meth:`leaks` with the same
+           ``rtol`` and ``atol`` is empty: every node's inflow − outflow equals what its rule
+           reports it absorbs.
         """
         scale = max(abs(self.start), abs(self.at_inputs), abs(self.absorbed), 1.0)
-        return abs(self.residual) <= atol + rtol * scale and not self.leaks(rtol, atol)
+        if abs(self.residual) > atol + rtol * scale:
+            return False
+        return not self.detail or not self.leaks(rtol, atol)
 
     def by_type(self) -> dict[str, tuple[int, float]]:
-        """node type -> (count, absorbed)."""
+        """node type -> (count of absorbing steps, absorbed); with the detail, every
+        propagated node counts."""
         out: dict[str, tuple[int, float]] = {}
-        for r in self.rows:
-            c, a = out.get(r.node_type, (0, 0.0))
-            out[r.node_type] = (c + 1, a + r.absorbed)
+        if self.detail:
+            for r in self.rows:
+                c, a = out.get(r.node_type, (0, 0.0))
+                out[r.node_type] = (c + 1, a + r.absorbed)
+            return out
+        for node, t in self._absorbed:
+            name = _DROPPED_TYPE if node == DROPPED else self._types[node]
+            c, a = out.get(name, (0, 0.0))
+            out[name] = (c + 1, a + float(t))
         return out
 
     def __repr__(self) -> str:
-        leaks = self.leaks()
+        leaks = self.leaks() if self.detail else []
         text = (f"Ledger(start={self.start:.6g}, at_inputs={self.at_inputs:.6g}, "
                 f"absorbed={self.absorbed:.6g}, residual={self.residual:.3g}")
         if leaks:

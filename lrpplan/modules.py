@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from .graph import Graph
+from .rules import OPS
 
 
 def _probe() -> int:
@@ -36,7 +37,8 @@ class ModuleRecorder:
         starts = [s for s, _, _ in spans]
         out: dict[int, str] = {}
         for nid, node in enumerate(graph.nodes):
-            if graph.types[nid] == "AccumulateGrad":
+            spec = OPS.get(graph.types[nid])
+            if spec is not None and spec.leaf:
                 continue
             seq = node._sequence_nr()
             best = None

@@ -1,23 +1,30 @@
 """The plan IR: plain frozen records, a msgpack codec and a checker.
 
 A plan is a straight-line program over integer node ids (positions in the canonical walk of
-:mod:`lrpplan.graph`), relevance slots and value slots:
+:mod:`lrpplan.graph`), relevance slots and value slots. Every step is an equation (STYLE.md
+point 13): what it computes is fixed by its kind, its static params and its input slots.
 
-``ValueOp``  recovers a forward value: ``leaf`` (a leaf's variable), ``saved`` (a ``_saved_*``
-             attribute of some node), ``base`` (the ``_base`` of a saved view), ``unview``
-             (a view or copy node's input from its output value: reshape, transpose, permute,
-             squeeze...), ``sub`` (an
-             operand of an addition: its output minus the other operand), ``fwd`` (re-run a
-             node's forward op: one link of a Promise's forward chain) or ``rec`` (output
-             ``attr`` of a node, as recorded during the forward pass: :mod:`lrpplan.recording`).
-``Step``     ``rule``    apply a node's rule: read relevance slots ``rel_in`` (one per forward output),
-                         write or accumulate into ``rel_out`` (one per input, -1 = none);
+``ValueOp``  puts values into value slots. Graph reads (:data:`READ_KINDS`) are the only ops that
+             touch the live autograd graph: ``leaf`` (a leaf's variable), ``saved`` (a saved
+             attribute of a node: a tensor, or plain data such as sizes and bounds), ``base``
+             (the ``_base`` of a saved view), ``rec`` (output ``attr`` of a node as recorded
+             during the forward pass: :mod:`lrpplan.recording`), ``meta`` (the ``in_shapes`` or
+             ``out_shapes`` of a node) and ``backward`` (the node's own backward function, for
+             the few rules that route through an op without a pure gradient). Pure ops compute
+             from slots and params alone: ``fwd`` (re-run a node type's forward op: one link of
+             a Promise's forward chain), ``unview`` (a view's or copy's input from its output)
+             and ``sub`` (an operand of an addition: its output minus the other operand).
+``Step``     ``rule``    apply a rule: read relevance slots ``rel_in`` (one per forward output),
+                         write or accumulate into ``rel_out`` (one per input, -1 = none); its
+                         values are ``vals``, (key, slot) pairs: an input position, ``"out"``
+                         (the node's own output) or an attribute name;
              ``fused``   one resolved Promise path: its forward ``chain`` of value ops, then the
                          origin's rule and the backward chain through the Promise's internal nodes
                          (``body``, rule steps);
              ``collect`` hand the relevance of slot ``rel_in[0]`` to result ``params['target']``.
 
-Slots are freed after their last use (``free_rel``/``free_val``), computed once at compile time.
+Value slots are freed after their last use (``free_val``), computed once at compile time;
+relevance slots are read once, by the step of the edge's producer.
 """
 from __future__ import annotations
 
@@ -29,34 +36,46 @@ import xxhash
 
 from .errors import PlanError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STEP_KINDS = ("rule", "fused", "collect")
-VALUE_KINDS = ("leaf", "saved", "base", "unview", "sub", "fwd", "rec")
+#: value ops that read the live graph (gathered outside a compiled replay)
+READ_KINDS = ("leaf", "saved", "base", "rec", "meta", "backward")
+#: value ops computed from value slots and params alone
+PURE_KINDS = ("fwd", "unview", "sub")
+VALUE_KINDS = READ_KINDS + PURE_KINDS
+META_ATTRS = ("in_shapes", "out_shapes")
 MAGIC = "lrpplan-plan"
 
-ValSrc = Union[int, str]  # value slot, or the name of the node's own saved attribute
+ValKey = Union[int, str]  # input position, "out", or an attribute name
 
 
 @dataclass(frozen=True, slots=True)
 class ValueOp:
-    """Recover one or more forward values into value slots."""
+    """Put one or more values into value slots (see the module docstring for the kinds).
 
-    kind: str                  # "leaf" | "saved" | "base" | "unview" | "sub" | "fwd" | "rec"
+    ``fwd`` and ``unview`` take their input values first in ``ins`` and then the run-time
+    attributes they read (``params["reads"]`` names them); ``params["node_type"]`` names the op
+    and ``params["attrs"]`` its static attributes."""
+
+    kind: str
     node: int
-    attr: str = ""             # "saved" and "base": the attribute; "rec": the output number
-    ins: tuple[int, ...] = ()  # "fwd": value slot per input position (-1: none); "unview": one
-    outs: tuple[int, ...] = ()  # value slot per forward output (-1: unused)
+    attr: str = ""             # "saved"/"base": the attribute; "rec": output nr; "meta": which
+    ins: tuple[int, ...] = ()  # value slots read (-1: none)
+    outs: tuple[int, ...] = ()  # value slots written (-1: unused)
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def format(self) -> str:
         if self.kind == "fwd":
-            return f"v{list(self.outs)} = fwd(#{self.node})({list(self.ins)})"
+            op = self.params.get("node_type")
+            return f"v{list(self.outs)} = {op}(#{self.node})({list(self.ins)})"
         if self.kind == "sub":
             return f"v{self.outs[0]} = v{self.ins[0]} - v{self.ins[1]}  (#{self.node})"
         if self.kind == "unview":
-            return f"v{self.outs[0]} = inverse(#{self.node})(v{self.ins[0]})"
+            return f"v{self.outs[0]} = inverse {self.params.get('node_type')}(v{self.ins[0]})"
         if self.kind == "rec":
             return f"v{self.outs[0]} = recorded(#{self.node}:{self.attr})"
-        what = {"leaf": "variable", "base": f"{self.attr}._base"}.get(self.kind, self.attr)
+        what = {"leaf": "variable", "base": f"{self.attr}._base",
+                "backward": "backward"}.get(self.kind, self.attr)
         return f"v{self.outs[0]} = #{self.node}.{what}"
 
 
@@ -69,11 +88,10 @@ class Step:
     rule: str = ""
     rel_in: tuple[int, ...] = ()
     rel_out: tuple[int, ...] = ()
-    vals: tuple[tuple[int, ValSrc], ...] = ()
+    vals: tuple[tuple[ValKey, int], ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     chain: tuple[ValueOp, ...] = ()
     body: tuple["Step", ...] = ()
-    free_rel: tuple[int, ...] = ()
     free_val: tuple[int, ...] = ()
 
     def format(self) -> str:
@@ -112,20 +130,27 @@ class Plan:
             elif s.kind == "rule":
                 yield s
 
+    def value_ops(self) -> Iterable[ValueOp]:
+        """Every value op, in execution order."""
+        for s in self.steps:
+            yield from s.chain
+            for b in s.body:
+                yield from b.chain
+
 
 # ---------------------------------------------------------------------------------------------
 # codec
 
 
 def _enc_value_op(v: ValueOp) -> list:
-    return [v.kind, v.node, v.attr, list(v.ins), list(v.outs)]
+    return [v.kind, v.node, v.attr, list(v.ins), list(v.outs), dict(v.params)]
 
 
 def _enc_step(s: Step) -> list:
     return [s.kind, s.node, s.rule, list(s.rel_in), list(s.rel_out),
-            [[p, src] for p, src in s.vals], dict(s.params),
+            [[k, slot] for k, slot in s.vals], dict(s.params),
             [_enc_value_op(v) for v in s.chain], [_enc_step(b) for b in s.body],
-            list(s.free_rel), list(s.free_val)]
+            list(s.free_val)]
 
 
 def encode(plan: Plan) -> bytes:
@@ -159,18 +184,26 @@ def _t(x: Any) -> tuple:
 
 
 def _dec_value_op(d: Any) -> ValueOp:
-    kind, node, attr, ins, outs = d
-    return ValueOp(str(kind), int(node), str(attr), _t(ins), _t(outs))
+    kind, node, attr, ins, outs, params = d
+    if not isinstance(params, dict):
+        raise PlanError("value-op params must be a map")
+    return ValueOp(str(kind), int(node), str(attr), _t(ins), _t(outs), params)
+
+
+def _dec_key(k: Any) -> ValKey:
+    if isinstance(k, bool) or not isinstance(k, (int, str)):
+        raise PlanError(f"value key {k!r} is neither an input position nor a name")
+    return k
 
 
 def _dec_step(d: Any) -> Step:
-    (kind, node, rule, rel_in, rel_out, vals, params, chain, body, free_rel, free_val) = d
+    (kind, node, rule, rel_in, rel_out, vals, params, chain, body, free_val) = d
     if not isinstance(params, dict):
         raise PlanError("step params must be a map")
     return Step(str(kind), int(node), str(rule), _t(rel_in), _t(rel_out),
-                tuple((int(p), src) for p, src in vals), params,
+                tuple((_dec_key(k), int(slot)) for k, slot in vals), params,
                 tuple(_dec_value_op(v) for v in chain), tuple(_dec_step(b) for b in body),
-                _t(free_rel), _t(free_val))
+                _t(free_val))
 
 
 def decode(data: bytes) -> Plan:
@@ -212,7 +245,9 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
     Invariants checked:
 
     1. every step kind is in :data:`STEP_KINDS`, every value-op kind in :data:`VALUE_KINDS`;
-    2. every rule name is registered in :data:`lrpplan.rules.RULES`;
+    2. every rule name is registered in :data:`lrpplan.rules.RULES`, every node type a ``fwd``
+       or ``unview`` op runs in :data:`lrpplan.rules.OPS`; attributes read are plain names
+       (no dunders), ``meta`` reads one of :data:`META_ATTRS`;
     3. node ids are in ``[0, n_nodes)`` (when ``n_nodes`` is given) and non-negative;
     4. relevance slots are in ``[-1, n_rel)``, value slots in ``[-1, n_val)``;
     5. a value slot is written before it is read; a relevance slot read by a step was written
@@ -220,7 +255,7 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
     6. the plan's key equals ``key`` (when given) and the header names the plan format version.
     """
     from .fingerprint import PLAN_FORMAT_VERSION
-    from .rules import RULES
+    from .rules import OPS, RULES
 
     if key is not None and plan.key != key:
         raise PlanError(f"plan key {plan.key} does not match the graph's fingerprint {key}")
@@ -239,8 +274,13 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
         if v.kind not in VALUE_KINDS:
             raise PlanError(f"{where}: unknown value op {v.kind!r}")
         node_ok(v.node, where)
-        if v.kind in ("saved", "base") and not v.attr.startswith("_saved_"):
-            raise PlanError(f"{where}: attribute {v.attr!r} is not a saved attribute")
+        if v.kind in ("saved", "base") and not (v.attr.isidentifier() and "__" not in v.attr):
+            raise PlanError(f"{where}: attribute {v.attr!r} is not a node attribute name")
+        if v.kind == "meta" and v.attr not in META_ATTRS:
+            raise PlanError(f"{where}: meta read {v.attr!r} is not one of {META_ATTRS}")
+        if v.kind in ("fwd", "unview") and v.params.get("node_type") not in OPS:
+            raise PlanError(f"{where}: {v.kind} of unknown node type "
+                            f"{v.params.get('node_type')!r}")
         if v.kind == "rec" and not v.attr.isdigit():
             raise PlanError(f"{where}: recorded output {v.attr!r} is not an output number")
         for s in v.ins:
@@ -275,11 +315,9 @@ def check_plan(plan: Plan, n_nodes: Optional[int] = None, key: Optional[str] = N
             return
         if s.rule not in RULES:
             raise PlanError(f"{where}: unknown rule {s.rule!r}")
-        for p, src in s.vals:
-            if isinstance(src, int) and src not in written_val:
-                raise PlanError(f"{where}: value slot {src} read before it is written")
-            if isinstance(src, str) and not src.startswith("_saved_"):
-                raise PlanError(f"{where}: attribute {src!r} is not a saved attribute")
+        for _, slot in s.vals:
+            if slot not in written_val:
+                raise PlanError(f"{where}: value slot {slot} read before it is written")
         for r in s.rel_out:
             if not -1 <= r < plan.n_rel:
                 raise PlanError(f"{where}: relevance slot {r} out of range")

@@ -2,12 +2,13 @@
 
 A rule that needs an input value (the z-rule of an ``AddBackward0``, the logits of a softmax, the
 input of a ``MeanBackward1``) asks for the value flowing along one input edge. If the graph holds
-it (a leaf's variable, the producer's saved result, or a *sibling* consumer's saved input) it is
-loaded directly. Otherwise a :class:`Promise` is opened at the rule's node (the *origin*) with one
-:class:`PromiseBranch` per missing input. A branch walks down the graph through nodes that saved
-nothing useful (its *internal* nodes) until it reaches *Arg* nodes whose outputs can be had, then
-the forward chain re-runs the internal nodes' forward ops back up to the origin. An internal node
-with several missing inputs opens a nested Promise: a Promise tree.
+it (a leaf's variable, the producer's saved result, a *sibling* consumer's saved input, the
+``_base`` of a saved view, an invertible view's output, an addition's output minus its other
+operand) it is read directly. Otherwise a :class:`Promise` is opened at the rule's node (the
+*origin*) with one :class:`PromiseBranch` per missing input. A branch walks down the graph through
+nodes that saved nothing useful (its *internal* nodes) until it reaches *Arg* nodes whose outputs
+can be had, then the forward chain re-runs the internal nodes' forward ops back up to the origin.
+An internal node with several missing inputs opens a nested Promise: a Promise tree.
 
 How the paper's mechanics map onto this resolver:
 
@@ -18,84 +19,26 @@ How the paper's mechanics map onto this resolver:
   replay the same internal node twice (internal nodes are disjoint across Promises), and relevance
   reaching a node from several consumers is summed before the node propagates, exactly once.
 
-The resolver is structural: :meth:`ValueResolver.recipe` decides *how* a value is recovered
-without touching tensors, :meth:`ValueResolver.materialize` emits the :class:`~lrpplan.plan.ValueOp`
-list (the forward chain that a plan stores inside a fused step) and runs it.
+The resolver is structural and runs nothing: :meth:`ValueResolver.recipe` decides *how* a value
+is recovered, :meth:`ValueResolver.materialize` appends the :class:`~lrpplan.plan.ValueOp` list
+(the forward chain a plan stores inside a fused step) and returns the value slot. Every op fact
+it uses (views, inverses, sums, leaves, forward replays) comes from the op specs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
 from .errors import GraphFreedError
 from .graph import Edge, Graph
 from .plan import ValueOp
-from .rules.base import OPS
-from .rules.layout import broadcast_pattern, conv_has_bias
-from .rules.routing import _dim
+from .rules.base import OpSpec
+from .rules.custom import spec_for
+from .rules.layout import broadcast_pattern
 
-#: ("leaf", node) | ("saved", node, attr) | ("fwd", node, {pos: Edge | ("saved", node, attr) | None})
+#: ("leaf", node) | ("saved"|"base"|"rec", node, attr) | ("unview", node, out_edge)
+#: | ("diff", add, out_edge, other_edge) | ("fwd", node, {pos: Edge | ("saved", node, attr) | None})
 Recipe = tuple
-_ZERO_OK = frozenset({"AddBackward0", "SubBackward0", "RsubBackward0", "AddBackward1",
-                      "SubBackward1", "RsubBackward1"})
-
-
-#: node types whose forward output is a view of their (single tracked) input: a value saved
-#: further down such a chain is a view whose ``_base`` is the tensor entering the chain
-_VIEW_OPS = frozenset({
-    "ViewBackward0", "ReshapeAliasBackward0", "SelectBackward0", "SliceBackward0",
-    "TransposeBackward0", "PermuteBackward0", "TBackward0", "UnsqueezeBackward0",
-    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "ExpandBackward0",
-    "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "AliasBackward0",
-    "AsStridedBackward0", "DiagonalBackward0", "NarrowBackward0", "UnfoldBackward0",
-})
-def _reshape_back(n: Any, t: Any) -> Any:
-    return t.reshape(n._saved_self_sym_sizes)
-
-
-def _unpermute(n: Any, t: Any) -> Any:
-    dims = [_dim(d) % t.dim() for d in n._saved_dims]
-    inverse = [0] * len(dims)
-    for i, d in enumerate(dims):
-        inverse[d] = i
-    return t.permute(inverse)
-
-
-#: single-input ops whose input value follows from their output value: type -> inverse
-#: (``UnsafeView`` and ``Clone`` outputs are fresh tensors, so ``base`` cannot see through them)
-INVERSES: dict[str, Callable[[Any, Any], Any]] = {
-    "ViewBackward0": _reshape_back,
-    "UnsafeViewBackward0": _reshape_back,
-    "ReshapeAliasBackward0": _reshape_back,
-    "SqueezeBackward0": _reshape_back,
-    "SqueezeBackward1": _reshape_back,
-    "SqueezeBackward2": _reshape_back,
-    "UnsqueezeBackward0": lambda n, t: t.squeeze(_dim(n._saved_dim)),
-    "TransposeBackward0": lambda n, t: t.transpose(_dim(n._saved_dim0),
-                                                   _dim(n._saved_dim1)),
-    "TBackward0": lambda n, t: t.t(),
-    "PermuteBackward0": _unpermute,
-    "CloneBackward0": lambda n, t: t,
-    "AliasBackward0": lambda n, t: t,
-}
-#: producers whose output may alias something else (never the start of a ``base`` lookup)
-_ALIASING = _VIEW_OPS | {"AccumulateGrad", "CopySlices"}
-
-#: forward replays that cannot be exact, and what they assume
-_LOSSY_FORWARD = {
-    "ConstantPadNdBackward0": "forward value recomputed with the unsaved pad value taken as 0",
-    "MaskedFillBackward0": "forward value recomputed with the unsaved fill value taken as 0 "
-                           "(exact for a following softmax, which gives masked entries nothing)",
-}
-
-
-def _lost_operand(node_type: str, node: Any) -> bool:
-    """A ``(None, 0)`` input of this node hides a real value (not an absent optional input)."""
-    if node_type in _ZERO_OK or node_type in ("AddmmBackward0", "WhereBackward0"):
-        return True
-    if node_type == "ConvolutionBackward0":
-        return conv_has_bias(node)
-    return False
 
 
 def read_saved(node: Any, attr: str) -> Any:
@@ -147,25 +90,15 @@ class Promise:
 
 
 class ValueResolver:
-    """Finds and recovers forward values along graph edges; memoises per edge.
+    """Finds forward values along graph edges and plans the value ops that recover them;
+    memoises per edge and per graph read. Allocates value slots (``n_val``)."""
 
-    Parameters
-    ----------
-    graph:
-        the captured graph.
-    new_slot:
-        allocates a fresh value slot.
-    execute:
-        runs a :class:`ValueOp` against the live graph (the tracer's executor).
-    """
-
-    def __init__(self, graph: Graph, new_slot: Callable[[], int],
-                 execute: Callable[[ValueOp], None]) -> None:
+    def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.new_slot = new_slot
-        self.execute = execute
+        self.n_val = 0
         self.recipes: dict[Edge, Optional[Recipe]] = {}
         self.slots: dict[Edge, int] = {}
+        self._reads: dict[tuple[str, int, str], int] = {}
         self.fwd_outs: dict[int, tuple[int, ...]] = {}
         #: edge -> length of the longest forward-replay chain that produced its value
         self.depths: dict[Edge, int] = {}
@@ -175,6 +108,34 @@ class ValueResolver:
         self.lost_constants = 0
         #: edge -> id of a node with no op spec that blocked its recovery
         self.blocked_by: dict[Edge, int] = {}
+        self._specs = [spec_for(n, t) for n, t in zip(graph.nodes, graph.types)]
+
+    def spec(self, node_id: int) -> Optional[OpSpec]:
+        return self._specs[node_id]
+
+    # -- graph reads ----------------------------------------------------------------------------
+
+    def new_slot(self) -> int:
+        self.n_val += 1
+        return self.n_val - 1
+
+    def read(self, kind: str, node: int, attr: str, chain: list[ValueOp]) -> int:
+        """The slot of a graph read (``saved``, ``meta``, ``backward``...), planned once."""
+        key = (kind, node, attr)
+        slot = self._reads.get(key)
+        if slot is None:
+            slot = self._reads[key] = self.new_slot()
+            chain.append(ValueOp(kind, node, attr, (), (slot,)))
+        return slot
+
+    def attribute_slots(self, node: int, names: tuple[str, ...], meta: tuple[str, ...],
+                        chain: list[ValueOp]) -> list[tuple[str, int]]:
+        """(name, slot) of the run-time attributes and shapes of ``node`` its op reads."""
+        spec = self.spec(node)
+        prefix = spec.attr_prefix if spec is not None else "_saved_"
+        out = [(name, self.read("saved", node, prefix + name, chain)) for name in names]
+        out += [(m, self.read("meta", node, m, chain)) for m in meta]
+        return out
 
     # -- structural decision ----------------------------------------------------------------
 
@@ -187,10 +148,9 @@ class ValueResolver:
         """
         g = self.graph
         pid, nr = edge
-        ptype = g.types[pid]
-        if ptype == "AccumulateGrad":
+        spec = self.spec(pid)
+        if spec is not None and spec.leaf:
             return ("leaf", pid)
-        spec = OPS.get(ptype)
         if spec is not None and nr in spec.saved_outputs:
             attr = spec.saved_outputs[nr]
             if read_saved(g.nodes[pid], attr) is not None:
@@ -198,16 +158,17 @@ class ValueResolver:
         for c, pos in g.consumers(pid):
             if g.edges[c][pos] != edge:
                 continue
-            cspec = OPS.get(g.types[c])
+            cspec = self.spec(c)
             attr = cspec.saved_inputs.get(pos) if cspec is not None else None
             if attr and read_saved(g.nodes[c], attr) is not None:
                 return ("saved", c, attr)
-        if ptype not in _ALIASING:
+        if not (spec is not None and spec.aliases):
             found = self._saved_view_base(edge)
             if found is not None:
                 return found
         for c, pos in g.consumers(pid):
-            if g.edges[c][pos] == edge and g.types[c] in INVERSES and (
+            cspec = self.spec(c)
+            if g.edges[c][pos] == edge and cspec is not None and cspec.inverse is not None and (
                     (c, 0) in self.slots or self.direct((c, 0))):
                 return ("unview", c, (c, 0))
         return None
@@ -223,11 +184,13 @@ class ValueResolver:
         g = self.graph
         meta = g.nodes[edge[0]]._input_metadata[edge[1]]
         for c, pos in g.consumers(edge[0]):
-            if g.edges[c][pos] != edge or g.types[c] != "AddBackward0" or len(g.edges[c]) != 2:
+            spec = self.spec(c)
+            if g.edges[c][pos] != edge or spec is None or not spec.sum_of_two \
+                    or len(g.edges[c]) != 2:
                 continue
             node = g.nodes[c]
             other = g.edges[c][1 - pos]
-            if other is None or other == edge or getattr(node, "_saved_alpha", 1) != 1:
+            if other is None or other == edge or spec.static(node).get("alpha", 1) != 1:
                 continue
             out_meta = node._input_metadata[0]
             other_meta = g.nodes[other[0]]._input_metadata[other[1]]
@@ -253,8 +216,8 @@ class ValueResolver:
             for c, pos in g.consumers(e[0]):
                 if g.edges[c][pos] != e:
                     continue
-                ctype = g.types[c]
-                if ctype in _VIEW_OPS:
+                cspec = self.spec(c)
+                if cspec is not None and cspec.view:
                     for out in range(max(1, len(g.nodes[c]._input_metadata))):
                         if (c, out) not in seen:
                             seen.add((c, out))
@@ -262,7 +225,6 @@ class ValueResolver:
                     continue
                 if e == edge:
                     continue  # a direct consumer's saved input is the value itself (see direct)
-                cspec = OPS.get(ctype)
                 attr = cspec.saved_inputs.get(pos) if cspec is not None else None
                 t = read_saved(g.nodes[c], attr) if attr else None
                 base = getattr(t, "_base", None)
@@ -297,7 +259,7 @@ class ValueResolver:
                 stack.pop()
                 continue
             pid = e[0]
-            spec = OPS.get(g.types[pid])
+            spec = self.spec(pid)
             if spec is None or spec.forward is None:
                 self.recipes[e] = self._recorded(e)
                 if spec is None and self.recipes[e] is None:
@@ -317,8 +279,7 @@ class ValueResolver:
                     continue
                 child = g.edges[pid][pos] if pos < len(g.edges[pid]) else None
                 if child is None:
-                    if g.types[pid] in _ZERO_OK or pos in spec.zero_operands \
-                            or spec.forward_inputs is not None:
+                    if pos in spec.zero_operands or spec.forward_inputs is not None:
                         ins[pos] = None
                         continue
                     ok = False
@@ -349,11 +310,6 @@ class ValueResolver:
             return ("rec", edge[0], str(edge[1]))
         return None
 
-    def release(self) -> None:
-        """Drop the callbacks: they point back at the tracer, a reference cycle that would keep
-        the autograd graph (every saved activation) alive until the cyclic GC runs."""
-        self.new_slot = self.execute = _released
-
     def recoverable(self, edge: Optional[Edge]) -> bool:
         return edge is not None and self.recipe(edge) is not None
 
@@ -361,7 +317,7 @@ class ValueResolver:
 
     def materialize(self, edge: Edge, chain: list[ValueOp],
                     branch: Optional[PromiseBranch] = None) -> int:
-        """Emit (into ``chain``) and run the value ops recovering ``edge``; return its slot."""
+        """Append (to ``chain``) the value ops recovering ``edge``; return its slot."""
         if edge in self.slots:
             return self.slots[edge]
         if self.recipe(edge) is None:
@@ -374,42 +330,32 @@ class ValueResolver:
                 continue
             rec = self.recipes[e]
             kind = rec[0]
-            if kind == "diff":
+            if kind in ("diff", "unview"):
                 todo = [x for x in rec[2:] if x not in self.slots]
                 if todo:
                     for x in todo:
-                        self.recipes.setdefault(x, self.direct(x))
+                        self.recipes.setdefault(x, self.direct(x) or self._difference(x))
                     stack.extend(todo)
                     continue
                 slot = self.new_slot()
-                self.emit(ValueOp("sub", rec[1], "", (self.slots[rec[2]], self.slots[rec[3]]),
-                                   (slot,)), chain)
-                self.slots[e] = slot
-                stack.pop()
-                continue
-            if kind == "unview":
-                child = rec[2]
-                if child not in self.slots:
-                    self.recipes.setdefault(child, self.direct(child) or self._difference(child))
-                    stack.append(child)
-                    continue
-                slot = self.new_slot()
-                self.emit(ValueOp("unview", rec[1], "", (self.slots[child],), (slot,)), chain)
+                if kind == "diff":
+                    chain.append(ValueOp("sub", rec[1], "", (self.slots[rec[2]],
+                                                             self.slots[rec[3]]), (slot,)))
+                else:
+                    chain.append(self._pure_op("unview", rec[1], (self.slots[rec[2]],), (slot,),
+                                               chain))
                 self.slots[e] = slot
                 stack.pop()
                 continue
             if kind in ("leaf", "saved", "base", "rec"):
-                slot = self.new_slot()
-                op = ValueOp(kind, rec[1], rec[2] if kind != "leaf" else "", (), (slot,))
-                self.emit(op, chain)
-                self.slots[e] = slot
+                self.slots[e] = self.read(kind, rec[1], rec[2] if kind != "leaf" else "", chain)
                 if branch is not None:
                     branch.arg_nodes.append(rec[1])
                 stack.pop()
                 continue
             pid, ins = rec[1], rec[2]
             if pid in self.fwd_outs:  # another output of a multi-output node already replayed
-                self.slots[e] = self._out_slot(pid, e[1])
+                self.slots[e] = self.fwd_outs[pid][e[1]]
                 self.depths[e] = self.depths[(pid, 0)] if (pid, 0) in self.depths else 1
                 stack.pop()
                 continue
@@ -418,63 +364,64 @@ class ValueResolver:
             if pending:
                 stack.extend(pending)
                 continue
-            in_slots = []
-            n_in = max(len(self.graph.edges[pid]), max(ins, default=-1) + 1)
-            for pos in range(n_in):
-                src = ins.get(pos)
-                if src is None:
-                    spec = OPS.get(self.graph.types[pid])
-                    if pos in ins and self.graph.edges[pid][pos] is None and (
-                            _lost_operand(self.graph.types[pid], self.graph.nodes[pid])
-                            or (spec is not None and pos in spec.zero_operands)):
-                        self.assumptions.append(
-                            f"{self.graph.types[pid]} #{pid}: forward value recomputed with "
-                            f"its untracked operand {pos} (not saved by autograd) taken as 0")
-                        spec = OPS.get(self.graph.types[pid])
-                        if spec is not None and spec.rule == "linear":  # a frozen bias
-                            self.lost_constants += 1
-                    in_slots.append(-1)
-                elif len(src) == 3:  # the node's own saved input
-                    slot = self.new_slot()
-                    self.emit(ValueOp("saved", pid, src[2], (), (slot,)), chain)
-                    in_slots.append(slot)
-                else:
-                    in_slots.append(self.slots[src])
-            if self.graph.types[pid] in _LOSSY_FORWARD:
-                self.assumptions.append(f"{self.graph.types[pid]} #{pid}: {_LOSSY_FORWARD[self.graph.types[pid]]}")
-            n_out = self._n_outputs(pid)
-            outs = tuple(self.new_slot() for _ in range(n_out))
-            self.emit(ValueOp("fwd", pid, "", tuple(in_slots), outs), chain)
-            self.fwd_outs[pid] = outs
-            child_depths = [self.depths.get(c, 0) for c in ins.values()
-                            if isinstance(c, tuple) and len(c) == 2]
-            depth = 1 + max(child_depths, default=0)
-            for nr in range(n_out):
-                self.depths[(pid, nr)] = depth
-            if branch is not None:
-                branch.internal.append(pid)
-                if sum(d > 0 for d in child_depths) > 1:
-                    branch.tree_nodes += 1
-            self.slots[e] = outs[e[1]]
+            self._forward(pid, ins, chain, branch)
+            self.slots[e] = self.fwd_outs[pid][e[1]]
             stack.pop()
         if branch is not None:
             branch.depth = max(branch.depth, self.depths.get(edge, 0))
         return self.slots[edge]
 
-    def _n_outputs(self, pid: int) -> int:
-        return max(1, len(self.graph.nodes[pid]._input_metadata))
+    def _forward(self, pid: int, ins: dict, chain: list[ValueOp],
+                 branch: Optional[PromiseBranch]) -> None:
+        """Plan the forward replay of node ``pid`` from its planned inputs."""
+        g, spec = self.graph, self.spec(pid)
+        node_type = g.types[pid]
+        in_slots = []
+        n_in = max(len(g.edges[pid]), max(ins, default=-1) + 1)
+        for pos in range(n_in):
+            src = ins.get(pos)
+            if src is None:
+                if pos in ins and g.edges[pid][pos] is None and self._hides_value(pid, pos):
+                    self.assumptions.append(
+                        f"{node_type} #{pid}: forward value recomputed with its untracked "
+                        f"operand {pos} (not saved by autograd) taken as 0")
+                    if spec.rule == "linear":  # a frozen bias
+                        self.lost_constants += 1
+                in_slots.append(-1)
+            elif len(src) == 3:  # the node's own saved input
+                in_slots.append(self.read("saved", pid, src[2], chain))
+            else:
+                in_slots.append(self.slots[src])
+        if spec.lossy:
+            self.assumptions.append(f"{node_type} #{pid}: {spec.lossy}")
+        outs = tuple(self.new_slot() for _ in range(max(1, len(g.nodes[pid]._input_metadata))))
+        chain.append(self._pure_op("fwd", pid, tuple(in_slots), outs, chain))
+        self.fwd_outs[pid] = outs
+        child_depths = [self.depths.get(c, 0) for c in ins.values()
+                        if isinstance(c, tuple) and len(c) == 2]
+        depth = 1 + max(child_depths, default=0)
+        for nr in range(len(outs)):
+            self.depths[(pid, nr)] = depth
+        if branch is not None:
+            branch.internal.append(pid)
+            if sum(d > 0 for d in child_depths) > 1:
+                branch.tree_nodes += 1
 
-    def _out_slot(self, pid: int, nr: int) -> int:
-        return self.fwd_outs[pid][nr]
+    def _hides_value(self, pid: int, pos: int) -> bool:
+        """A ``(None, 0)`` input of this node hides a real value (not an absent optional
+        input): an operand of a sum, a frozen bias, an untracked ``where`` operand."""
+        spec = self.spec(pid)
+        if pos in spec.zero_operands:
+            return True
+        return spec.hides_value is not None and \
+            pos in spec.hides_value(spec.static(self.graph.nodes[pid]))
 
-    def emit(self, op: ValueOp, chain: list[ValueOp]) -> None:
-        """Run ``op`` now and append it to ``chain`` (the plan records what the trace ran)."""
-        self.execute(op)
-        chain.append(op)
-
-
-ValSource = Union[int, str]
-
-
-def _released(*args: Any) -> Any:
-    raise RuntimeError("value resolver used after its trace finished")
+    def _pure_op(self, kind: str, pid: int, ins: tuple[int, ...], outs: tuple[int, ...],
+                 chain: list[ValueOp]) -> ValueOp:
+        """A ``fwd`` / ``unview`` op of node ``pid``: its static attributes as params, the
+        run-time attributes it reads as further inputs."""
+        spec = self.spec(pid)
+        reads = self.attribute_slots(pid, spec.reads, spec.meta, chain)
+        params = {"node_type": self.graph.types[pid], "attrs": spec.static(self.graph.nodes[pid]),
+                  "reads": [name for name, _ in reads]}
+        return ValueOp(kind, pid, "", ins + tuple(slot for _, slot in reads), outs, params)

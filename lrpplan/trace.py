@@ -1,53 +1,46 @@
-"""First explanation of a graph: dynamic traversal with Promises that records a plan as it runs.
+"""First explanation of a graph: compile its plan with the Promise traversal.
 
 The traversal follows the paper's heuristic (§4.2): a stack of nodes whose relevance inputs have
 all arrived; a node propagates exactly once, after its consumers. At each node the rule decides
-(structurally) what it needs; missing forward values are recovered through Promises
-(:mod:`lrpplan.promise`). Every step is recorded as plan data and executed by the same
-:class:`~lrpplan.replay.Executor` methods a replay uses.
+(structurally) what it needs; the value resolver (:mod:`lrpplan.promise`) plans how missing
+forward values are recovered, through Promises where the graph holds them nowhere. Every decision
+is structural, so the whole plan is compiled before any tensor is touched; the first explanation
+then runs it with a checking subclass of the same executor a replay uses
+(:class:`lrpplan.replay.TracingExecutor`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Optional, Sequence
-
-import torch
 
 from .errors import InvalidInputError, UnrecoverableValueError, UnsupportedOperation
 from .fingerprint import PLAN_FORMAT_VERSION, torch_minor
 from .graph import Edge, Graph
 from .plan import Plan, Step, ValueOp
 from .promise import Promise, PromiseBranch, ValueResolver, read_saved
-from .replay import BoundStep, Executor
-from .rules.base import OPS, NodeInfo, get_rule
-from .rules.custom import (COMPILED_REMEDY, compiled_region, function_key, function_spec,
+from .rules.base import NodeInfo, get_rule
+from .rules.custom import (COMPILED_REMEDY, UNSUPPORTED_HINTS, compiled_region, function_key,
                            unsupported_hint)
-
-
-_UNSUPPORTED_HINTS = {
-    "CheckpointFunctionBackward": "Reentrant activation checkpointing hides a whole block in one "
-    "node; explain with checkpointing off or with torch.utils.checkpoint(use_reentrant=False).",
-}
-
+from .rules.routing import suggest_fallback
 
 _RECORD_REMEDY = (" (it was overwritten in place, or its inputs were). lrpplan.explain(model, "
                   "...) and Explainer run the forward themselves and record such values; "
                   "lrpplan.attribute, which gets a finished forward, cannot")
 
 
-class Tracer:
-    """Traces one graph and compiles its plan.
+def compile_plan(graph: Graph, targets: Sequence[Mapping[str, Any]], ruleset: Any, key: str,
+                 module_of: Optional[Mapping[int, str]] = None) -> Plan:
+    """Compile the plan that explains ``graph`` towards ``targets`` with ``ruleset``.
 
-    Parameters
-    ----------
-    graph:
-        the captured graph.
-    targets:
-        one dict per attribution target: ``{"edge": [node, output_nr], "kind": "tensor"|"tokens"}``.
-    ruleset:
-        a :class:`lrpplan.config.RuleSet`.
-    module_of:
-        node id -> path of the module that ran it (for per-module rules; optional).
+    ``targets``: one dict per attribution target, ``{"edge": [node, output_nr], "kind":
+    "tensor"|"tokens", "index": input}``; ``module_of``: node id -> path of the module that ran
+    it (for per-module rules); ``key``: the graph's fingerprint, stored in the plan.
     """
+    return PlanCompiler(graph, targets, ruleset, module_of).compile(key)
+
+
+class PlanCompiler:
+    """Walks one graph in the paper's order and records a plan step per node."""
 
     def __init__(self, graph: Graph, targets: Sequence[Mapping[str, Any]], ruleset: Any,
                  module_of: Optional[Mapping[int, str]] = None) -> None:
@@ -57,9 +50,7 @@ class Tracer:
         self.ruleset = ruleset
         self.target_of: dict[Edge, int] = {tuple(t["edge"]): k for k, t in enumerate(self.targets)}
         self.rel_slot: dict[Edge, int] = {}
-        self.n_val = 0
-        self.ex = Executor(graph, 0, 0, len(self.targets))
-        self.values = ValueResolver(graph, self._new_val, self._exec_value)
+        self.values = ValueResolver(graph)
         self.steps: list[Step] = []
         self.promises: list[Promise] = []
         #: edge -> every relevance deposited on it is zero wherever the edge's value is zero
@@ -70,24 +61,8 @@ class Tracer:
         self.constants_taken_as_zero = 0
         self._live = self._liveness()
 
-    # -- slots ------------------------------------------------------------------------------
-
-    def _new_val(self) -> int:
-        self.n_val += 1
-        self.ex.val.append(None)
-        return self.n_val - 1
-
-    def _exec_value(self, op: ValueOp) -> None:
-        self.ex.value_op(op)
-
     def _slot(self, edge: Edge) -> int:
-        slot = self.rel_slot.get(edge)
-        if slot is None:
-            slot = len(self.rel_slot)
-            self.rel_slot[edge] = slot
-            self.ex.rel.append(None)
-            self.ex.rel_sum.append([])
-        return slot
+        return self.rel_slot.setdefault(edge, len(self.rel_slot))
 
     # -- structure ----------------------------------------------------------------------------
 
@@ -125,18 +100,13 @@ class Tracer:
 
     # -- the traversal -----------------------------------------------------------------------
 
-    def run(self, seeds: Sequence[torch.Tensor]) -> tuple[Plan, Executor]:
-        """Trace with one seed tensor per root; return the compiled plan and the executor."""
+    def compile(self, key: str) -> Plan:
         g = self.g
         if not any(self._live[r[0]] or r in self.target_of for r in g.roots):
             raise InvalidInputError(
                 "no input can receive relevance: none of the requested inputs is reachable "
                 "from the explained output through the autograd graph")
-        root_slots = []
-        for r, seed in zip(g.roots, seeds):
-            slot = self._slot(r)
-            root_slots.append(slot)
-            self.ex.deposit(slot, seed)
+        root_slots = [self._slot(r) for r in g.roots]
         active, pending = self._schedule()
         stack: list[int] = []
         for r in g.roots:
@@ -145,15 +115,13 @@ class Tracer:
         fused: Optional[tuple[Step, list[Step], set[int]]] = None
         while stack:
             n = stack.pop()
-            for nr_edge, k in self._targets_at(n):
-                if nr_edge in self.rel_slot:
+            for edge, k in self._targets_at(n):
+                if edge in self.rel_slot:
                     # the relevance stays in its slot when it flows on into the producer
                     keep = bool(active[n] and self._live[n])
-                    step = Step("collect", n, rel_in=(self.rel_slot[nr_edge],),
-                                params={"target": k, "keep": keep})
                     fused = self._close(fused)
-                    self.steps.append(step)
-                    self.ex.collect(step)
+                    self.steps.append(Step("collect", n, rel_in=(self.rel_slot[edge],),
+                                           params={"target": k, "keep": keep}))
             if not (active[n] and self._live[n]):
                 continue
             step, promise = self._rule_step(n)
@@ -161,7 +129,7 @@ class Tracer:
                 if promise is not None:
                     fused = self._close(fused)
                     fused = (step, [], set(promise.internal_nodes()))
-                elif fused is not None and n in fused[2] and not step.chain:
+                elif fused is not None and n in fused[2]:
                     fused[1].append(step)
                 else:
                     fused = self._close(fused)
@@ -172,9 +140,7 @@ class Tracer:
                     if pending[e[0]] == 0:
                         stack.append(e[0])
         self._close(fused)
-        plan = self._finish(root_slots)
-        self.values.release()
-        return plan, self.ex
+        return self._finish(key, root_slots)
 
     def _targets_at(self, n: int) -> list[tuple[Edge, int]]:
         return [(e, k) for e, k in self.target_of.items() if e[0] == n]
@@ -182,48 +148,41 @@ class Tracer:
     def _close(self, fused):
         if fused is not None:
             origin, body, _ = fused
-            chain = origin.chain
-            origin = _replace(origin, chain=())
-            self.steps.append(Step("fused", origin.node, chain=chain, body=(origin, *body)))
+            self.steps.append(Step("fused", origin.node, chain=origin.chain,
+                                   body=(replace(origin, chain=()), *body)))
         return None
 
-    def _rule_step(self, n: int) -> tuple[Optional[Step], Optional[Promise]]:
+    def _unsupported(self, m: int) -> UnsupportedOperation:
         g = self.g
-        node = g.nodes[n]
-        ntype = g.types[n]
+        node_m, type_m = g.nodes[m], g.types[m]
+        if compiled_region(node_m, type_m):  # no fallback can fit: say what to pass
+            return UnsupportedOperation(type_m, g.describe(m), fallback=None,
+                                        remedy=COMPILED_REMEDY)
+        fallback, reason = suggest_fallback(
+            node_m, [None if e is None else self._shape(e) for e in g.edges[m]])
+        known = UNSUPPORTED_HINTS.get(type_m, "")
+        hint = " ".join(h for h in (known, unsupported_hint(node_m, type_m, not known)) if h)
+        return UnsupportedOperation(type_m, g.describe(m), hint, fallback, reason,
+                                    function=function_key(node_m))
+
+    def _rule_step(self, n: int) -> tuple[Optional[Step], Optional[Promise]]:
+        g, values = self.g, self.values
+        node, ntype, edges = g.nodes[n], g.types[n], g.edges[n]
         n_out = max(1, len(node._input_metadata))
-        rel_in = []
-        for nr in range(n_out):
-            e = (n, nr)
-            rel_in.append(self.rel_slot.get(e, -1))
+        rel_in = tuple(self.rel_slot.get((n, nr), -1) for nr in range(n_out))
         if all(s < 0 for s in rel_in):
             return None, None  # no relevance arrived (structurally): nothing to propagate
         # a custom autograd Function node is known by its class (qualified name), never by a
         # type name another class may share
         function = function_key(node)
-        spec = function_spec(node) if function is not None else OPS.get(ntype)
+        spec = values.spec(n)
         first = spec is not None and spec.rule == "linear" and self._first_layer(n)
         rule_name, params = self.ruleset.resolve(ntype, first_layer=first,
                                                  module=self.module_of.get(n), function=function)
-        from .replay import CheckedStep  # the tracer checks every rule's output; replays do not
-        from .rules.routing import suggest_fallback
-
-        def unsupported(m: int) -> UnsupportedOperation:
-            node_m, type_m = g.nodes[m], g.types[m]
-            if compiled_region(node_m, type_m):  # no fallback can fit: say what to pass
-                return UnsupportedOperation(type_m, g.describe(m), fallback=None,
-                                            remedy=COMPILED_REMEDY)
-            fallback, reason = suggest_fallback(
-                node_m, [None if e is None else self._shape(e) for e in g.edges[m]])
-            known = _UNSUPPORTED_HINTS.get(type_m, "")
-            hint = " ".join(h for h in (known, unsupported_hint(node_m, type_m, not known)) if h)
-            return UnsupportedOperation(type_m, g.describe(m), hint, fallback, reason,
-                                        function=function_key(node_m))
-
         if rule_name is None:
-            raise unsupported(n)
+            raise self._unsupported(n)
         rule = get_rule(rule_name)
-        edges = g.edges[n]
+        attrs = spec.static(node) if spec is not None else {}
         info = NodeInfo(
             node=node, node_type=ntype, n_inputs=len(edges), n_outputs=n_out,
             live_inputs=tuple(self.edge_live(e) for e in edges),
@@ -231,78 +190,89 @@ class Tracer:
             input_shapes=tuple(self._shape(e) for e in edges) if (spec and spec.broadcasts)
             else (None,) * len(edges),
             output_shapes=tuple(tuple(m.shape) for m in node._input_metadata),
-            recoverable=lambda i: self._own(spec, node, i) is not None
-            or self.values.recoverable(edges[i] if i < len(edges) else None),
+            recoverable=lambda i: self._own(n, i) is not None
+            or values.recoverable(edges[i] if i < len(edges) else None),
             params=params, first_layer=first,
             source_type=lambda i: self._source_type(edges[i] if i < len(edges) else None),
-            output_available=lambda: n_out == 1 and self.values.direct((n, 0)) is not None,
-            position=g.describe(n),
+            output_available=lambda: n_out == 1 and values.direct((n, 0)) is not None,
+            position=g.describe(n), attrs=attrs, spec=spec,
         )
         decision = rule.decide(info)
         if decision.assumption and not decision.lost_constant:
             self.assumptions.append(f"#{n} {decision.assumption}")
         chain: list[ValueOp] = []
-        vals = []
-        nonneg_output = False  # the node's output value given is a ReLU's result (≥ 0)
+        vals: list[tuple[Any, int]] = []
         promise: Optional[Promise] = None
         for pos in decision.values:
-            own = self._own(spec, node, pos)
+            own = self._own(n, pos)
             if own is not None:
-                vals.append((pos, own))
+                vals.append((pos, values.read("saved", n, own, chain)))
                 continue
             e = edges[pos] if pos < len(edges) else None
-            if e is None or not self.values.recoverable(e):
-                blocker = self.values.blocked_by.get(e) if e is not None else None
+            if e is None or not values.recoverable(e):
+                blocker = values.blocked_by.get(e) if e is not None else None
                 if blocker is not None:
-                    raise unsupported(blocker)
+                    raise self._unsupported(blocker)
                 raise UnrecoverableValueError(
                     f"{ntype} ({g.describe(n)}) needs the forward value of input {pos}, which "
                     "autograd saved nowhere and which cannot be recomputed from the graph"
                     + ("" if g.recorded else _RECORD_REMEDY))
             branch = None
-            if e not in self.values.slots and self.values.recipe(e)[0] == "fwd":
+            if e not in values.slots and values.recipe(e)[0] == "fwd":
                 if promise is None:
                     promise = Promise(n)
                 branch = PromiseBranch(pos, e)
                 promise.branches.append(branch)
-            vals.append((pos, self.values.materialize(e, chain, branch)))
-        if decision.params.get("reuse_output") and n_out == 1:
-            # the forward output a consumer already saved: no recomputation at run time
-            held = None if (n, 0) in self.values.slots else self.values.direct((n, 0))
-            relu = self._relu_stand_in(n) if held is None else None
-            if held is not None or (n, 0) in self.values.slots:
-                if held is not None:  # never a forward replay recipe memoised earlier
-                    self.values.recipes[(n, 0)] = held
-                vals.append((len(edges), self.values.materialize((n, 0), chain)))
-            elif relu is not None:
-                # relu(z) for z: the two differ only where relu(z) = 0, and there the relevance
-                # arriving is exactly 0 (every consumer's rule is x-proportional), so the rule
-                # divides 0 by a nonzero number either way; no recomputation of z
-                slot = self._new_val()
-                self.values.emit(ValueOp("saved", relu, "_saved_result", (), (slot,)), chain)
-                vals.append((len(edges), slot))
-                nonneg_output = True
-        if decision.lost_constant and not any(pos == len(edges) for pos, _ in vals):
+            vals.append((pos, values.materialize(e, chain, branch)))
+        nonneg_output = self._own_output(n, decision, chain, vals)
+        if decision.lost_constant and not any(key == "out" for key, _ in vals):
             # the output would have recovered the constant; without it the constant is 0
             self.assumptions.append(f"#{n} {decision.assumption}")
             self.constants_taken_as_zero += 1
+        reads = (spec.reads if spec is not None else ()) + decision.reads
+        meta = spec.meta if spec is not None else ()
+        if spec is not None and spec.broadcasts and "in_shapes" not in meta:
+            meta += ("in_shapes",)  # the executor sums broadcast relevance back
+        vals += values.attribute_slots(n, tuple(dict.fromkeys(reads)), meta, chain)
         rel_out = tuple(self._slot(e) if (send and self.edge_live(e)) else -1
                         for e, send in zip(edges, decision.send))
-        merged = dict(params)
-        merged.update(decision.params)
-        merged["send"] = [s >= 0 for s in rel_out]
+        merged = {**params, **decision.params, "send": [s >= 0 for s in rel_out], "node_type": ntype,
+                  "attrs": attrs}
+        if decision.backward:  # the op's own backward, read as a value
+            vals.append(("backward", values.read("backward", n, "", chain)))
+            merged["node_vjp"] = True
         if nonneg_output:
             merged["output_nonneg"] = True
-        merged["node_type"] = ntype
         if function is not None:
             merged["function"] = function  # the class, by name: for reading a plan
-        step = Step("rule", n, rule_name, tuple(rel_in), rel_out, tuple(vals), merged,
-                    tuple(chain))
-        self.ex.rule(CheckedStep(step, g))
+        step = Step("rule", n, rule_name, rel_in, rel_out, tuple(vals), merged, tuple(chain))
         self._note_zeros(step, edges)
         if promise is not None:
             self.promises.append(promise)
         return step, promise
+
+    def _own_output(self, n: int, decision: Any, chain: list[ValueOp],
+                    vals: list[tuple[Any, int]]) -> bool:
+        """Give the rule its node's forward output where a consumer already saved it (no
+        recomputation at run time), as ``vals["out"]``; True when the value given is a ReLU's
+        result standing in for it (≥ 0)."""
+        values = self.values
+        if not decision.params.get("reuse_output") or len(self.g.nodes[n]._input_metadata) > 1:
+            return False
+        held = None if (n, 0) in values.slots else values.direct((n, 0))
+        if held is not None or (n, 0) in values.slots:
+            if held is not None:  # never a forward replay recipe memoised earlier
+                values.recipes[(n, 0)] = held
+            vals.append(("out", values.materialize((n, 0), chain)))
+            return False
+        relu = self._stand_in(n)
+        if relu is None:
+            return False
+        # relu(z) for z: the two differ only where relu(z) = 0, and there the relevance
+        # arriving is exactly 0 (every consumer's rule is x-proportional), so the rule
+        # divides 0 by a nonzero number either way; no recomputation of z
+        vals.append(("out", values.read("saved", relu, "_saved_result", chain)))
+        return True
 
     def _note_zeros(self, step: Step, edges: Sequence[Optional[Edge]]) -> None:
         """Record, per input edge, whether this step's relevance is zero where its value is."""
@@ -314,14 +284,15 @@ class Tracer:
             if slot >= 0 and e is not None:
                 self.zero_where_zero[e] = self.zero_where_zero.get(e, True) and ok
 
-    def _relu_stand_in(self, n: int) -> Optional[int]:
-        """The id of the ReLU that alone consumes node ``n``'s output, saved its result and
-        receives relevance that is zero wherever that result is; else None."""
+    def _stand_in(self, n: int) -> Optional[int]:
+        """The id of the node (a ReLU) that alone consumes node ``n``'s output, saved its result
+        and receives relevance that is zero wherever that result is; else None."""
         cons = [(c, pos) for c, pos in self.g.consumers(n) if self.g.edges[c][pos] == (n, 0)]
-        if len(cons) != 1 or self.g.types[cons[0][0]] != "ReluBackward0":
+        if len(cons) != 1:
             return None
         relu = cons[0][0]
-        if not self.zero_where_zero.get((relu, 0), False):
+        spec = self.values.spec(relu)
+        if spec is None or not spec.stands_in or not self.zero_where_zero.get((relu, 0), False):
             return None
         if read_saved(self.g.nodes[relu], "_saved_result") is None:
             return None
@@ -333,9 +304,9 @@ class Tracer:
         layer is the one next to the deepest explained tensors)."""
         g = self.g
         while e is not None and not self._terminal_target(e):
-            spec = OPS.get(g.types[e[0]])
-            if spec is None or not (spec.rule == "identity"
-                                    or get_rule(spec.rule).routes_relevance):
+            spec = self.values.spec(e[0])
+            if spec is None or not spec.rule or not (
+                    spec.rule == "identity" or get_rule(spec.rule).routes_relevance):
                 return e
             live = [c for c in g.edges[e[0]] if self.edge_live(c)]
             if len(live) != 1:
@@ -357,10 +328,11 @@ class Tracer:
             return ""
         return self.g.types[end[0]]
 
-    @staticmethod
-    def _own(spec, node, pos) -> Optional[str]:
+    def _own(self, n: int, pos: int) -> Optional[str]:
+        """The attribute holding input ``pos``'s value that node ``n`` saved itself."""
+        spec = self.values.spec(n)
         attr = spec.saved_inputs.get(pos) if spec is not None else None
-        if attr and read_saved(node, attr) is not None:
+        if attr and read_saved(self.g.nodes[n], attr) is not None:
             return attr
         return None
 
@@ -371,30 +343,31 @@ class Tracer:
 
     # -- compile ------------------------------------------------------------------------------
 
-    def _finish(self, root_slots: list[int]) -> Plan:
+    def _finish(self, key: str, root_slots: list[int]) -> Plan:
         steps = _with_value_frees(self.steps)
         self.assumptions.extend(self.values.assumptions)
-        internal = sum(len(p.internal_nodes()) for p in self.promises)
-        n_rule = sum(1 for s in steps for _ in (s.body if s.kind == "fused" else
-                                                 ([s] if s.kind == "rule" else [])))
+        n_rule = sum(len(s.body) if s.kind == "fused" else s.kind == "rule" for s in steps)
+        value_ops = [op for s in steps for op in _chains(s)]
         stats = {
             "nodes": len(self.g),
             "rule_steps": n_rule,
             "steps": len(steps),
             "promises": len(self.promises),
             "promise_branches": sum(len(p.branches) for p in self.promises),
-            "fused_internal_nodes": internal,
+            "fused_internal_nodes": sum(len(p.internal_nodes()) for p in self.promises),
             "max_promise_depth": max((p.depth() for p in self.promises), default=0),
             "promise_tree_nodes": sum(b.tree_nodes for p in self.promises for b in p.branches),
             "promise_density": len(self.promises) / max(1, len(self.g)),
             "constants_taken_as_zero": self.constants_taken_as_zero + self.values.lost_constants,
             # values read as recorded during the forward pass (lrpplan.recording)
-            "recorded_values": sum(op.kind == "rec" for s in steps for op in _chains(s)),
+            "recorded_values": sum(op.kind == "rec" for op in value_ops),
+            # steps that call a node's own backward (no pure gradient: not fusable)
+            "node_backward_reads": sum(op.kind == "backward" for op in value_ops),
         }
         header = {"format": PLAN_FORMAT_VERSION, "torch": torch_minor(), "roots": root_slots,
                   "rules": self.ruleset.config()}
-        return Plan(key="", header=header, steps=tuple(steps), n_rel=len(self.rel_slot),
-                    n_val=self.n_val, targets=tuple(self.targets),
+        return Plan(key=key, header=header, steps=tuple(steps), n_rel=len(self.rel_slot),
+                    n_val=self.values.n_val, targets=tuple(self.targets),
                     assumptions=tuple(dict.fromkeys(self.assumptions)), stats=stats)
 
 
@@ -403,34 +376,19 @@ def _chains(step: Step) -> list[ValueOp]:
     return list(step.chain) + [op for b in step.body for op in _chains(b)]
 
 
-def _replace(step: Step, **changes: Any) -> Step:
-    fields = {f: getattr(step, f) for f in step.__slots__}
-    fields.update(changes)
-    return Step(**fields)
-
-
 def _with_value_frees(steps: list[Step]) -> list[Step]:
-    """Attach to each step the value slots whose last read it is (compile-time liveness)."""
+    """Attach to each step the value slots whose last use it is (compile-time liveness)."""
     last: dict[int, int] = {}
-
-    def reads(s: Step) -> list[int]:
-        out = [v for op in s.chain for v in op.ins if v >= 0]
-        out += [src for _, src in s.vals if isinstance(src, int)]
-        for b in s.body:
-            out += reads(b)
-        return out
-
-    def writes(s: Step) -> list[int]:
-        out = [v for op in s.chain for v in op.outs if v >= 0]
-        for b in s.body:
-            out += writes(b)
-        return out
-
     for i, s in enumerate(steps):
-        for v in writes(s) + reads(s):
-            last[v] = i
+        for op in _chains(s):
+            for v in op.ins + op.outs:
+                last[v] = i
+        for b in (s, *s.body):
+            for _, v in b.vals:
+                last[v] = i
     frees: dict[int, list[int]] = {}
     for v, i in last.items():
-        frees.setdefault(i, []).append(v)
-    return [_replace(s, free_val=tuple(sorted(frees.get(i, ())))) if i in frees else s
+        if v >= 0:
+            frees.setdefault(i, []).append(v)
+    return [replace(s, free_val=tuple(sorted(frees[i]))) if i in frees else s
             for i, s in enumerate(steps)]

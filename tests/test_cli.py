@@ -184,7 +184,7 @@ def test_compile_stores_plan_and_writes_out_file(factories, tmp_path, capsys):
     # --out: the same bytes, a msgpack document of the documented shape (read with msgpack)
     assert out.read_bytes() == stored.read_bytes()
     doc = msgpack.unpackb(out.read_bytes(), raw=False)
-    assert doc["magic"] == "lrpplan-plan" and doc["schema"] == 1 and doc["key"] == key
+    assert doc["magic"] == "lrpplan-plan" and doc["schema"] == 2 and doc["key"] == key
     assert {"header", "n_rel", "n_val", "targets", "assumptions", "stats", "steps"} <= set(doc)
     assert doc["header"]["rules"]["name"] == "epsilon"
     assert re.search(rf"nodes: {doc['stats']['nodes']}\s+steps: {len(doc['steps'])}\b", text)

@@ -155,7 +155,7 @@ def test_registered_function_forward_serves_promises(float64):
         assert key == f"{__name__}.Double"
         rules = RuleSet.preset("epsilon", epsilon=LRP0)
         attr = lrpplan.explain(model, x, rules=rules, cache=False)
-        again = lrpplan.Explainer(model, rules=rules, cache=False)
+        again = lrpplan.Explainer(model, rules=rules, cache=False, ledger="nodes")
         first, replayed = again(x), again(x)
     finally:
         FUNCTIONS.pop(key)
@@ -180,7 +180,7 @@ def test_register_function_refuses_route_and_unknown_rules():
 
 
 def _replay_equals_trace(model, *inputs, rtol):
-    explainer = lrpplan.Explainer(model, cache=False)
+    explainer = lrpplan.Explainer(model, cache=False, ledger="nodes")
     first = explainer(*inputs)
     again = explainer(*inputs)
     assert not first.cached and again.cached
@@ -274,7 +274,7 @@ def test_backward_hooks_change_nothing(preset, float64):
     kwargs = {"low": -3.0, "high": 3.0} if preset == "epsilon-gamma-box" else {}
     rules = RuleSet.preset(preset, **kwargs)
     ref = lrpplan.explain(model, x, rules=rules, cache=False)
-    explainer = lrpplan.Explainer(hooked, rules=rules, cache=False)
+    explainer = lrpplan.Explainer(hooked, rules=rules, cache=False, ledger="nodes")
     got, again = explainer(x), explainer(x)
     assert calls == []  # explaining never calls the user's hooks
     hook_steps = [s for s in got.plan.iter_rule_steps()

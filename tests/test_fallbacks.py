@@ -166,7 +166,7 @@ def wrong_shape_rule():
         def decide(self, info):
             return Decision(values=(), send=(True,) * info.n_inputs)
 
-        def run(self, node, rel, vals, p):
+        def run(self, rel, x, p):
             return [rel[0][:1]] + [None] * (len(p["send"]) - 1)  # one sample: broadcastable
 
     yield _WrongShape.name

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import lrpplan
+from lrpplan.testing import rule_inputs
 from lrpplan.graph import capture
 from lrpplan.rules.base import RULES, Decision, Rule, get_rule, register_rule
 
@@ -156,10 +157,11 @@ def test_sdpa_fully_masked_rows_get_zero_and_the_rest_matches_a_closed_form(kind
     node = o.grad_fn
     rule = get_rule("sdpa")
     send = (preset != "cp-lrp",) * 2 + (True,) + (False,) * (len(node.next_functions) - 3)
-    p = {"send": send, "epsilon": EPS, "attention": "cp" if preset == "cp-lrp" else "attnlrp"}
+    x, p = rule_inputs(node, "sdpa", send=send, epsilon=EPS,
+                       attention="cp" if preset == "cp-lrp" else "attnlrp")
     assert rule.absorbs(p)
     with torch.no_grad():  # as the executor runs rules
-        out = rule.run(node, [R, None], [None] * (len(send) + 1), p)
+        out = rule.run([R, None], x, p)
     assert len(out) == len(send) + 1
     absorbed = out[-1]
     assert absorbed.dim() == 0 and absorbed.dtype == DT
@@ -207,11 +209,11 @@ def test_softmax_with_minus_inf_logits_matches_the_closed_form():
     assert torch.equal(attr.relevance[masked], torch.zeros(int(masked.sum()), dtype=DT))
     # the rule's report: the Taylor residual R (1 + Σ s x) − Σ x R, plus what reaches s = 0
     rule = get_rule("softmax")
-    p = {"send": (True,), "logits": "value"}
+    xs, p = rule_inputs(s.grad_fn, "softmax", {0: x.detach()}, send=(True,), logits="value")
     assert rule.absorbs(p)
     R2 = R + masked * 0.25  # relevance arriving at masked entries is dropped, and booked
     with torch.no_grad():
-        out = rule.run(s.grad_fn, [R2], [x.detach(), None], p)
+        out = rule.run([R2], xs, p)
     assert len(out) == 2 and out[1].dim() == 0
     want = R2.sum() - softmax_reference(x.detach(), s.detach(), R2).sum()
     torch.testing.assert_close(out[1], want, rtol=1e-12, atol=1e-12)
@@ -253,7 +255,7 @@ class _PoisonRule(Rule):
     def decide(self, info):
         return Decision(values=(), send=(info.live_inputs[0],) + (False,) * (info.n_inputs - 1))
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0].clone()
         r.view(-1)[0] = math.nan
         return [r] + [None] * (len(p["send"]) - 1)

@@ -13,6 +13,7 @@ from torch import nn
 
 import lrpplan
 from lrpplan import RuleSet
+from lrpplan.errors import LRPError
 from lrpplan.rules.base import RULES, Decision, Rule, register_rule
 
 
@@ -23,7 +24,7 @@ def _scaling_rule(name: str, factor: float):
         def decide(self, info):
             return Decision(values=(), send=tuple(i == 0 for i in range(info.n_inputs)))
 
-        def run(self, node, rel, vals, p):
+        def run(self, rel, x, p):
             return [rel[0] * factor] + [None] * (len(p["send"]) - 1)
 
     _Scale.name = name
@@ -59,11 +60,19 @@ def test_a_fallback_that_creates_or_destroys_relevance_leaks(wrong_rules, rule, 
     assert not led.closes()
     assert "leaks=1" in repr(led) and "TanhBackward0" in repr(led)
 
-    # the same through a replayed plan
+    # the same through a replayed plan: its totals do not close, and with the per-node detail
+    # (ledger="nodes") the node is named again
     explainer = lrpplan.Explainer(model, rules=rules, cache=False)
     explainer(x)
     again = explainer(x)
-    assert again.cached
+    assert again.cached and not again.ledger.detail
+    assert not again.ledger.closes()
+    with pytest.raises(LRPError, match="ledger='nodes'"):
+        again.ledger.leaks()
+    detailed = lrpplan.Explainer(model, rules=rules, cache=False, ledger="nodes")
+    detailed(x)
+    again = detailed(x)
+    assert again.cached and again.ledger.detail
     assert [r.node_type for r in again.ledger.leaks()] == ["TanhBackward0"]
     assert not again.ledger.closes()
 

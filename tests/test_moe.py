@@ -28,6 +28,7 @@ import lrpplan
 from lrpplan import RuleSet
 from lrpplan import testing as T
 from lrpplan.rules import get_rule
+from lrpplan.testing import rule_inputs
 
 F32_REPLAY = 1e-5     # replay vs trace, float32 (README invariant 1)
 F64 = 1e-12           # the rule in float64 against its closed form
@@ -122,9 +123,9 @@ def test_grouped_mm_rule_matches_closed_form(layout, explained, eps):
     r = torch.randn(z.shape, generator=g, dtype=torch.float64)
     a64, b64 = a.detach().double(), b.detach().double()
     mode = {"a": "a", "b": "b", "both": "bilinear"}[explained]
-    p = {"mode": mode, "variant": "epsilon", "epsilon": eps, "node_type": type(node).__name__,
-         "send": [explained != "b", explained != "a"]}
-    got_a, got_b, absorbed = get_rule("linear").run(node, [r], [a64, b64], p)
+    x, p = rule_inputs(node, "linear", {0: a64, 1: b64}, mode=mode, epsilon=eps,
+                       send=[explained != "b", explained != "a"])
+    got_a, got_b, absorbed = get_rule("linear").run([r], x, p)
     want_a, want_b, want_absorbed = closed_form(layout, a64, b64, r, counts, eps, explained)
     if explained != "b":
         assert got_a.shape == a.shape and rel_err(got_a, want_a) <= F64
@@ -290,7 +291,7 @@ def grouped_nodes(model, *inputs) -> int:
 def check_model(model, inputs, uses_grouped: bool):
     if uses_grouped:
         assert grouped_nodes(model, *inputs) == 4  # 2 layers × (up, down)
-    ex = lrpplan.Explainer(model, cache=False)
+    ex = lrpplan.Explainer(model, cache=False, ledger="nodes")
     first, again = ex(*inputs), ex(*inputs)
     fresh = lrpplan.explain(model, *inputs, cache=False)
     assert not first.cached and again.cached
@@ -372,7 +373,7 @@ def test_plan_does_not_bake_in_routing(name, impl):
     b = torch.randint(0, 100, (2, 7), generator=g)
     assert any(not torch.equal(x, y) for x, y in zip(routing(model, a), routing(model, b)))
     assert tokens_per_expert(model, a) != tokens_per_expert(model, b)   # other offsets
-    ex = lrpplan.Explainer(model, cache=False)
+    ex = lrpplan.Explainer(model, cache=False, ledger="nodes")
     ex(a)
     got = ex(b)
     fresh = lrpplan.explain(model, b, cache=False)

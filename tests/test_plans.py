@@ -609,7 +609,7 @@ def counters(monkeypatch):
             return orig(*args, **kwargs)
         monkeypatch.setattr(owner, attr, wrapper)
 
-    wrap(lrpplan.trace.Tracer, "run", "trace")
+    wrap(lrpplan.trace.PlanCompiler, "compile", "trace")
     wrap(lrpplan.promise.ValueResolver, "recipe", "recipe")
     orig_next = lrpplan.graph._next
 
@@ -676,17 +676,24 @@ def test_check_plan_accepts_the_synthetic_plan():
     (lambda p: _replace_step(p, 1, rel_in=(1,)), None, "relevance slot 1 read before"),
     (lambda p: _replace_step(p, 1, rel_out=(5,)), None, "relevance slot 5 out of range"),
     (lambda p: _replace_step(p, 1, vals=((0, 0),)), None, "value slot 0 read before"),
-    (lambda p: _replace_step(p, 1, chain=(ValueOp("fwd", 0, "", (0,), ()),)), None,
+    (lambda p: _replace_step(p, 1, chain=(ValueOp("fwd", 0, "", (0,), (),
+                                                  {"node_type": "ViewBackward0"}),)), None,
      "value slot 0 read before"),
-    (lambda p: _replace_step(p, 1, chain=(ValueOp("saved", 0, "weight", (), (0,)),)), None,
-     "not a saved attribute"),
+    (lambda p: _replace_step(p, 1, chain=(ValueOp("fwd", 0, "", (), (),
+                                                  {"node_type": "NoSuchBackward0"}),)), None,
+     "unknown node type 'NoSuchBackward0'"),
+    (lambda p: _replace_step(p, 1, chain=(ValueOp("saved", 0, "__class__", (), (0,)),)), None,
+     "not a node attribute name"),
+    (lambda p: _replace_step(p, 1, chain=(ValueOp("meta", 0, "strides", (), (0,)),)), None,
+     "meta read 'strides'"),
     (lambda p: _replace_step(p, 1, kind="jump"), None, "unknown step kind"),
     (lambda p: _replace_step(p, 2, params={"target": 1}), None, "collect target 1"),
     (lambda p: dataclasses.replace(p, header={"format": PLAN_FORMAT_VERSION + 1}), None,
      "plan format"),
 ], ids=["unknown-rule", "node-id-too-large", "negative-node-id", "rel-slot-read-early",
         "rel-slot-out-of-range", "val-slot-read-early", "fwd-input-read-early",
-        "not-saved-attr", "unknown-kind", "collect-target", "format-version"])
+        "fwd-unknown-op", "dunder-attr", "unknown-meta", "unknown-kind", "collect-target",
+        "format-version"])
 def test_check_plan_rejects_synthetic(mutate, n_nodes, match):
     with pytest.raises(PlanError, match=match):
         check_plan(mutate(_synthetic_plan()), n_nodes=n_nodes)

@@ -149,7 +149,7 @@ CELL_CONFIGS = [pytest.param(cell, config, id=f"{cell}-{name}")
 def test_explain_replay_and_ledger(cell, config, dtype):
     model = build(cell, config, dtype)
     x = torch.randn(2, 5, 3, dtype=dtype)
-    ex = lrpplan.Explainer(model, cache=False)
+    ex = lrpplan.Explainer(model, cache=False, ledger="nodes")
     first = ex(x)
     again = ex(x)
     assert not first.cached and again.cached
@@ -167,7 +167,7 @@ def test_fused_plan_serves_every_sequence_length():
     """The fused node hides the time steps: one plan for every length, equal to a fresh trace
     (at length 1 the batch-first transpose needs no copy: another graph, another plan)."""
     model = build("lstm", (2, True, True, False, True), torch.float32)
-    ex = lrpplan.Explainer(model, cache=False)
+    ex = lrpplan.Explainer(model, cache=False, ledger="nodes")
     ex(torch.randn(2, 5, 3))
     for length in (3, 9, 1):
         x = torch.randn(3, length, 3)
@@ -480,7 +480,7 @@ def test_zoo_token_models(factory):
     ids = torch.randint(0, 40, (2, 7))
     report = lrpplan.coverage(model, ids)
     assert report.error == "" and report.covered_nodes == report.nodes, report.format()
-    ex = lrpplan.Explainer(model, cache=False)
+    ex = lrpplan.Explainer(model, cache=False, ledger="nodes")
     first, again = ex(ids), ex(ids)
     assert first.relevance.shape == ids.shape and torch.isfinite(first.relevance).all()
     assert again.cached and rel_err(again.relevance, first.relevance) <= 1e-5

@@ -212,7 +212,7 @@ def test_relu_stand_in_equals_the_recomputed_output_with_biases_and_epsilon(monk
     fast = lrpplan.explain(model, x, rules=rules, cache=False)
     assert relu_stand_ins(fast.plan, node_types(model, x)) == 3
     # the same explanation with the stand-in switched off: z recomputed by the rule itself
-    monkeypatch.setattr(lrpplan.trace.Tracer, "_relu_stand_in", lambda self, n: None)
+    monkeypatch.setattr(lrpplan.trace.PlanCompiler, "_stand_in", lambda self, n: None)
     slow = lrpplan.explain(model, x, rules=rules, cache=False)
     assert relu_stand_ins(slow.plan, node_types(model, x)) == 0
     torch.testing.assert_close(fast.relevance, slow.relevance, rtol=1e-12, atol=1e-15)
@@ -269,7 +269,7 @@ def test_relu_stand_in_under_other_presets_equals_recomputation(preset, monkeypa
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     fast = lrpplan.explain(model, x, rules=preset, cache=False)
     assert relu_stand_ins(fast.plan, node_types(model, x)) > 0
-    monkeypatch.setattr(lrpplan.trace.Tracer, "_relu_stand_in", lambda self, n: None)
+    monkeypatch.setattr(lrpplan.trace.PlanCompiler, "_stand_in", lambda self, n: None)
     slow = lrpplan.explain(model, x, rules=preset, cache=False)
     torch.testing.assert_close(fast.relevance, slow.relevance, rtol=1e-12, atol=1e-15)
 

@@ -23,13 +23,15 @@ import torch
 from ..errors import LRPError
 from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
 
-_SDPA_TYPES = [
-    "ScaledDotProductFlashAttentionForCpuBackward0",
-    "ScaledDotProductFlashAttentionBackward0",
-    "ScaledDotProductEfficientAttentionBackward0",
-    "ScaledDotProductCudnnAttentionBackward0",
-    "ScaledDotProductFusedAttentionOverrideableBackward0",
-]
+#: SDPA node type -> the name under which it saves its float / boolean mask (None: no mask)
+SDPA_MASKS = {
+    "ScaledDotProductFlashAttentionForCpuBackward0": "attn_mask",
+    "ScaledDotProductFlashAttentionBackward0": None,
+    "ScaledDotProductEfficientAttentionBackward0": "attn_bias",
+    "ScaledDotProductCudnnAttentionBackward0": "attn_bias",
+    "ScaledDotProductFusedAttentionOverrideableBackward0": "attn_bias",
+}
+_SDPA_TYPES = list(SDPA_MASKS)
 
 
 def _saved(node, *names):
@@ -39,20 +41,20 @@ def _saved(node, *names):
     return None
 
 
-def _operands(node, dtype):
+def _operands(a, dtype):
     """(q, k, v, mask, is_causal, groups, scale) from what the SDPA node saved; k and v are
     repeated to q's heads for grouped-query attention."""
-    q = as_rel(node._saved_query, dtype)
-    k = as_rel(node._saved_key, dtype)
-    v = as_rel(node._saved_value, dtype)
+    q = as_rel(a["query"], dtype)
+    k = as_rel(a["key"], dtype)
+    v = as_rel(a["value"], dtype)
     groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 else 1
     if groups > 1:  # grouped-query attention
         k = k.repeat_interleave(groups, dim=-3)
         v = v.repeat_interleave(groups, dim=-3)
-    scale = _saved(node, "_saved_scale")
+    scale = a["scale"]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    mask = _saved(node, "_saved_attn_mask", "_saved_attn_bias")
-    return q, k, v, mask, bool(_saved(node, "_saved_is_causal")), groups, scale
+    mask = a.get("attn_mask", a.get("attn_bias"))
+    return q, k, v, mask, bool(a["is_causal"]), groups, scale
 
 
 def _scores(q, k, mask, causal, scale, dtype):
@@ -78,9 +80,9 @@ def _scores(q, k, mask, causal, scale, dtype):
     return u, x, s, float_mask
 
 
-def attention_parts(node, dtype):
+def attention_parts(a, dtype):
     """Rebuild (q, k, v, u, x, s, float_mask, groups, scale) from what the SDPA node saved."""
-    q, k, v, mask, causal, groups, scale = _operands(node, dtype)
+    q, k, v, mask, causal, groups, scale = _operands(a, dtype)
     u, x, s, float_mask = _scores(q, k, mask, causal, scale, dtype)
     return q, k, v, u, x, s, float_mask, groups, scale
 
@@ -129,7 +131,7 @@ class SDPARule(Rule):
     defaults = {"epsilon": 1e-6, "attention": "attnlrp"}
 
     def decide(self, info: NodeInfo) -> Decision:
-        dropout = float(_saved(info.node, "_saved_dropout_p") or 0.0)
+        dropout = float(info.attrs.get("dropout_p") or 0.0)
         if dropout > 0.0:
             raise LRPError(
                 f"{info.node_type} ran with dropout_p={dropout}: the dropout mask is not "
@@ -144,11 +146,11 @@ class SDPARule(Rule):
         """ε shares, the softmax residual and a float mask's share: reported by :meth:`run`."""
         return True
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0]
         send = p["send"][:3]
-        q, k, v, mask, causal, groups, scale = _operands(node, r.dtype)
-        saved_o = _saved(node, "_saved_output")  # the real output (same dtype: no rounding)
+        q, k, v, mask, causal, groups, scale = _operands(x, r.dtype)
+        saved_o = x["output"]  # the real output (same dtype: no rounding)
         o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else None
         full = [torch.zeros_like(t) if sent else None for t, sent in zip((q, k, v), send)]
         absorbed = torch.zeros((), dtype=r.dtype, device=r.device)
@@ -227,12 +229,15 @@ def _attention_relevance(q, k, v, r, o, mask, causal, scale, eps, send):
     return rq, rk, rv, absorbed
 
 
-def _sdpa_forward(node, vals):
-    q, k, v, u, x, s, *_ = attention_parts(node, node._saved_query.dtype)
+def _sdpa_forward(vals, a):
+    q, k, v, u, x, s, *_ = attention_parts(a, a["query"].dtype)
     return [s @ v]
 
 
-register_op(_SDPA_TYPES, "sdpa",
-            saved_inputs={0: "_saved_query", 1: "_saved_key", 2: "_saved_value"},
-            saved_outputs={0: "_saved_output"}, forward=_sdpa_forward, forward_inputs=(),
-            key_attrs=("is_causal",))
+for _name, _mask in SDPA_MASKS.items():
+    register_op(_name, "sdpa",
+                saved_inputs={0: "_saved_query", 1: "_saved_key", 2: "_saved_value"},
+                saved_outputs={0: "_saved_output"}, forward=_sdpa_forward, forward_inputs=(),
+                attrs=("is_causal",),
+                facts={"dropout_p": lambda n: float(_saved(n, "_saved_dropout_p") or 0.0)},
+                reads=("query", "key", "value", "scale", "output") + ((_mask,) if _mask else ()))

@@ -1,12 +1,16 @@
 """The rule registry: one :class:`OpSpec` per autograd node type, one :class:`Rule` per rule name.
 
-An *op spec* says what the graph gives for a node type: where the node saved its input values,
-whether it saved its output, how to re-run its forward operation (for Promise chains), and which
-non-tensor saved attributes change what a rule does (they go into the fingerprint).
+An *op spec* says what the graph gives for a node type and how the op computes: where the node
+saved its input values, whether it saved its output, its static attributes (plain data that
+goes into the plan key and into every step), the attributes read at run time (sizes, bounds,
+index tensors), its forward op and its gradient as pure functions, and the facts the value
+resolver uses (a view, an invertible map, a sum of two operands, a leaf...).
 
-A *rule* says how relevance crosses the node. Rules are looked up by name, so a plan stores only
-names and plain parameters. The traversal and the replay know no operation by name; they ask this
-registry.
+A *rule* says how relevance crosses the node, in two parts (STYLE.md point 13, "a step is an
+equation"): :meth:`Rule.decide` learns at compile time what it needs from the node (structure
+only), and :meth:`Rule.run` computes relevance from tensors and plain parameters alone, never
+touching the live graph. Rules are looked up by name, so a plan stores only names and data.
+The compiler and the executor know no operation by name; they ask this registry.
 """
 from __future__ import annotations
 
@@ -17,40 +21,102 @@ import torch
 
 Tensor = torch.Tensor
 MaybeTensor = Optional[Tensor]
+#: the attributes a forward, VJP or rule gets: static attributes and run-time reads by name
+Attrs = Mapping[str, Any]
 
-#: forward(node, input_values) -> output values (one per forward output)
-ForwardFn = Callable[[Any, Sequence[MaybeTensor]], Sequence[Tensor]]
+#: forward(input values, attrs) -> output values (one per forward output)
+ForwardFn = Callable[[Sequence[MaybeTensor], Attrs], Sequence[Tensor]]
+#: vjp(relevance per output, attrs) -> one tensor (or None) per input: the op's gradient
+VjpFn = Callable[[Sequence[MaybeTensor], Attrs], Sequence[MaybeTensor]]
+#: inverse(output value, attrs) -> input value (single-input views and copies)
+InverseFn = Callable[[Tensor, Attrs], Tensor]
+
+
+def signed(v: Any) -> Any:
+    """A saved int64 (or a tuple / list of them) read back signed: autograd exposes a negative
+    dim, slice bound, shift or pad as unsigned 64-bit (``_saved_end`` = 2**64 − 2 for −2).
+    Scalars (``alpha``, ``min``, ``exponent``) already come back signed; anything else passes."""
+    if isinstance(v, (tuple, list)):
+        return tuple(signed(x) for x in v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v - (1 << 64) if v >= (1 << 63) else v
+    return v
+
+
+def plain(v: Any) -> Any:
+    """A non-tensor saved attribute as plain data that survives a msgpack round trip: sizes and
+    tuples become lists of ints, negative ints read back signed."""
+    if isinstance(v, (tuple, list, torch.Size)):
+        return [plain(x) for x in v]
+    if isinstance(v, torch.dtype):
+        return str(v)
+    if isinstance(v, torch.Tensor):
+        raise TypeError("a tensor is no static attribute")
+    return signed(v)
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """What the autograd graph offers for one node type.
+    """What lrpplan knows about one autograd node type.
 
     Attributes
     ----------
     node_type:
         ``type(node).__name__``, e.g. ``"AddmmBackward0"``.
     rule:
-        name of the default rule family (a key of :data:`RULES`).
-    saved_inputs:
-        input position -> ``_saved_*`` attribute holding that input's forward value.
-    saved_outputs:
-        output number -> ``_saved_*`` attribute holding that forward output.
+        name of the default rule (a key of :data:`RULES`).
+    saved_inputs / saved_outputs:
+        input position / output number -> ``_saved_*`` attribute holding that forward value.
     forward:
-        re-runs the forward op from its input values (``None``: cannot be replayed).
+        re-runs the forward op from input values and attributes (``None``: cannot be replayed).
     forward_inputs:
         the input positions ``forward`` needs (default: all).
-    key_attrs:
-        non-tensor saved attributes that go into the fingerprint.
+    attrs:
+        static attributes: ``_saved_<name>`` attributes that are structure, not sizes (dims,
+        kernel sizes, flags, modes). They go into the plan key and, as plain data, into every
+        step of the node (``attrs[name]``), so no rule reads them from the live node.
+    facts:
+        static facts computed from the node (name -> ``fn(node) -> plain data``): the number of
+        outputs of a split, whether a convolution has a bias. In the key and the steps, like
+        ``attrs``.
+    reads:
+        ``_saved_<name>`` attributes read at run time by value ops (sizes, slice bounds, index
+        tensors, masks): they follow batch size and sequence length, so they are not in the key.
+    meta:
+        shapes read at run time: ``"in_shapes"`` (one per input) and/or ``"out_shapes"``.
+    vjp:
+        the op's gradient as a pure function of the relevance and the attributes (routing
+        rules send relevance through it). ``None``: rules that need it read the node's own
+        backward as a value (``backward`` value op), which a compiled replay cannot fuse.
     broadcasts:
-        the op broadcasts its inputs: relevance for an input is summed back to the input's shape.
-        For every other op a rule's relevance must have its input's shape exactly.
+        the op broadcasts its inputs: relevance for an input is summed back to its shape.
     fills:
-        some output positions hold a constant that is no input (padding, a fill value, an
-        operand autograd does not track): a routing rule books the relevance there as absorbed.
+        some output positions hold a constant that is no input (padding, a fill value): a
+        routing rule books the relevance there as absorbed.
     zero_operands:
         input positions a forward replay may take as 0 when autograd does not track them (the
-        accumulator an op adds into, usually ``torch.zeros``); recorded as an assumption.
+        accumulator an op adds into, an operand of a sum); recorded as an assumption.
+    hides_value:
+        ``fn(attrs) -> positions`` whose untracked (``None``) edge hides a real value (a frozen
+        bias): a forward replay that takes it as 0 records an assumption.
+    lossy:
+        a forward replay of this op cannot be exact; what it assumes (recorded).
+    view:
+        the output is a view of input 0 (a value saved further down a chain of views is a view
+        whose ``_base`` is the value entering the chain).
+    aliases:
+        the output may alias another tensor (a view, a leaf, an in-place write): never the start
+        of a ``_base`` lookup.
+    inverse:
+        input 0's value from the output value (single-input views and copies).
+    leaf:
+        a leaf's accumulator (``AccumulateGrad``): its variable is the value.
+    sum_of_two:
+        the output is input 0 + input 1 when ``attrs["alpha"] == 1`` (an operand is the output
+        minus the other operand).
+    stands_in:
+        its saved result (``_saved_result``) can stand in for its input in a denominator where
+        the relevance arriving is zero wherever that result is (ReLU).
     """
 
     node_type: str
@@ -59,38 +125,45 @@ class OpSpec:
     saved_outputs: Mapping[int, str] = field(default_factory=dict)
     forward: Optional[ForwardFn] = None
     forward_inputs: Optional[tuple[int, ...]] = None
-    key_attrs: tuple[str, ...] = ()
+    attrs: tuple[str, ...] = ()
+    facts: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    reads: tuple[str, ...] = ()
+    meta: tuple[str, ...] = ()
+    vjp: Optional[VjpFn] = None
     broadcasts: bool = False
     fills: bool = False
     zero_operands: tuple[int, ...] = ()
+    hides_value: Optional[Callable[[Attrs], tuple[int, ...]]] = None
+    lossy: str = ""
+    view: bool = False
+    aliases: bool = False
+    inverse: Optional[InverseFn] = None
+    leaf: bool = False
+    sum_of_two: bool = False
+    stands_in: bool = False
+    #: prefix of the node attributes ``attrs`` and ``reads`` name ("" for the ``ctx``
+    #: attributes of a custom autograd Function)
+    attr_prefix: str = "_saved_"
+
+    def static(self, node: Any) -> dict[str, Any]:
+        """The node's static attributes and facts as plain data (key and steps)."""
+        out = {name: plain(getattr(node, self.attr_prefix + name, None)) for name in self.attrs}
+        for name, fn in self.facts.items():
+            out[name] = plain(fn(node))
+        return out
 
 
 OPS: dict[str, OpSpec] = {}
 
 
-def register_op(
-    node_types: str | Sequence[str],
-    rule: str,
-    *,
-    saved_inputs: Mapping[int, str] | None = None,
-    saved_outputs: Mapping[int, str] | None = None,
-    forward: ForwardFn | None = None,
-    forward_inputs: tuple[int, ...] | None = None,
-    key_attrs: tuple[str, ...] = (),
-    broadcasts: bool = False,
-    fills: bool = False,
-    zero_operands: tuple[int, ...] = (),
-) -> None:
-    """Register one or several node types sharing a spec."""
+def register_op(node_types: str | Sequence[str], rule: str, **fields: Any) -> None:
+    """Register one or several node types sharing a spec (fields as in :class:`OpSpec`)."""
     if isinstance(node_types, str):
         node_types = (node_types,)
     for name in node_types:
         if name in OPS:
             raise RuntimeError(f"op spec for {name!r} registered twice")
-        OPS[name] = OpSpec(
-            name, rule, dict(saved_inputs or {}), dict(saved_outputs or {}), forward,
-            forward_inputs, tuple(key_attrs), broadcasts, fills, tuple(zero_operands),
-        )
+        OPS[name] = OpSpec(name, rule, **fields)
 
 
 def op_spec(node_type: str) -> Optional[OpSpec]:
@@ -100,12 +173,12 @@ def op_spec(node_type: str) -> Optional[OpSpec]:
 
 @dataclass(frozen=True)
 class Decision:
-    """What a rule decided at trace time for one node; stored in the plan step.
+    """What a rule decided at compile time for one node; stored in the plan step.
 
     Attributes
     ----------
     values:
-        input positions whose forward values the rule needs at run time.
+        input positions whose forward values the rule needs at run time (``x[pos]``).
     send:
         per input position: whether relevance is sent there (structural, never value-dependent).
     params:
@@ -115,8 +188,14 @@ class Decision:
     lost_constant:
         the assumption is that a value autograd did not keep (a frozen bias, a constant
         operand) is 0, unless the node's forward output is supplied (``reuse_output``), which
-        recovers it exactly; the tracer records the assumption only when it is not, and the
+        recovers it exactly; the compiler records the assumption only when it is not, and the
         explanation then warns (:class:`~lrpplan.errors.LRPWarning`).
+    reads:
+        ``_saved_<name>`` attributes of the node the rule reads at run time (``x[name]``), on
+        top of the op spec's ``reads``.
+    backward:
+        the rule calls the op's gradient and the op has no pure one: the node's own backward is
+        read as a value (``x["backward"]``).
     """
 
     values: tuple[int, ...]
@@ -124,11 +203,13 @@ class Decision:
     params: Mapping[str, Any] = field(default_factory=dict)
     assumption: str = ""
     lost_constant: bool = False
+    reads: tuple[str, ...] = ()
+    backward: bool = False
 
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """Trace-time view of a node given to :meth:`Rule.decide`."""
+    """Compile-time view of a node given to :meth:`Rule.decide`."""
 
     node: Any
     node_type: str
@@ -147,18 +228,25 @@ class NodeInfo:
     output_available: Callable[[], bool] = lambda: False
     #: where the node sits in the graph, for error messages
     position: str = ""
+    #: the node's static attributes (:meth:`OpSpec.static`), as its steps get them
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    #: the op spec (None for a node type lrpplan does not know)
+    spec: Optional[OpSpec] = None
 
 
 class Rule:
     """How relevance crosses one kind of node.
 
-    Subclasses set ``name`` and implement :meth:`decide` (trace time, structural) and :meth:`run`
-    (every time; pure tensor math, no traversal). ``run`` receives the relevance at each forward
-    output (``None`` where none arrived), the forward values of the inputs listed in
-    ``Decision.values`` (others ``None``) and ``Decision.params`` merged with the rule-set
-    parameters; it returns relevance per input (``None`` where ``Decision.send`` is False),
-    each of its input's shape (summed back by the executor only for ops that broadcast), and,
-    where :meth:`absorbs` says so, one more item: the relevance the node absorbs.
+    Subclasses set ``name`` and implement :meth:`decide` (compile time, structural) and
+    :meth:`run` (every time; pure tensor math). ``run(rel, x, p)`` receives the relevance at
+    each forward output (``None`` where none arrived); ``x``, a mapping with the forward values
+    of the inputs listed in ``Decision.values`` (``x[pos]``), the node's own forward output
+    where the plan supplies it (``x["out"]``) and the node's attributes (static ones and
+    run-time reads, ``x["dim"]``); and ``p``, ``Decision.params`` merged with the rule-set
+    parameters, ``p["send"]`` and ``p["node_type"]``. It returns relevance per input
+    (``None`` where not sent), each of its input's shape (summed back by the executor only for
+    ops that broadcast), and, where :meth:`absorbs` says so, one more item: the relevance the
+    node absorbs.
     """
 
     name: str = ""
@@ -167,6 +255,8 @@ class Rule:
     #: the relevance it sends is a rearrangement of the relevance it received (gradient
     #: routing): zero wherever the input value is zero if the received relevance was
     routes_relevance: bool = False
+    #: :meth:`run` calls the op's gradient (:func:`vjp_of`)
+    uses_gradient: bool = False
 
     def proportional(self, p: Mapping[str, Any]) -> bool:
         """The relevance sent to each input is that input's value times finite factors (so it
@@ -188,7 +278,7 @@ class Rule:
     def decide(self, info: NodeInfo) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def run(self, node: Any, rel: Sequence[MaybeTensor], vals: Sequence[MaybeTensor],
+    def run(self, rel: Sequence[MaybeTensor], x: Attrs,
             p: Mapping[str, Any]) -> list[MaybeTensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -213,22 +303,107 @@ def get_rule(name: str) -> Rule:
 
 
 # ---------------------------------------------------------------------------------------------
+# what a rule may call: the op's forward and gradient, from the step's data alone
+
+
+def forward_of(p: Mapping[str, Any]) -> ForwardFn:
+    """The forward op of the step's node type (``p["node_type"]``)."""
+    fwd = OPS[p["node_type"]].forward
+    if fwd is None:
+        raise KeyError(f"{p['node_type']} has no forward replay")
+    return fwd
+
+
+def vjp_of(p: Mapping[str, Any], x: Attrs) -> VjpFn:
+    """The op's gradient: the pure one of its spec, else (``p["node_vjp"]``, set by the compiler
+    for a :attr:`Decision.backward`) the node's own backward that the plan read as a value
+    (``x["backward"]``)."""
+    spec = OPS.get(p["node_type"])
+    if spec is not None and spec.vjp is not None and not p.get("node_vjp"):
+        return spec.vjp
+    node_backward = x["backward"]
+    return lambda rel, a: _call_backward(node_backward, rel)
+
+
+def _call_backward(node_backward: Any, rel: Sequence[MaybeTensor]) -> list[MaybeTensor]:
+    ref = next(r for r in rel if r is not None)
+    try:
+        grads = node_backward(*rel)
+    except RuntimeError:  # some backward kernels insist on the forward dtype
+        dt = node_backward._input_metadata[0].dtype
+        grads = node_backward(*[None if r is None else r.to(dt) for r in rel])
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    return [None if g is None else (g.to_dense() if g.is_sparse else g).to(ref.dtype)
+            for g in grads]
+
+
+def needs_backward(op: str) -> bool:
+    """Rules that call the gradient of ``op`` must read the node's own backward (no pure VJP)."""
+    spec = OPS.get(op)
+    return spec is None or spec.vjp is None
+
+
+def autograd_vjp(forward: ForwardFn, at: Sequence[Any] = ()) -> VjpFn:
+    """A VJP for a rarely used op, from its forward: autograd differentiates ``forward`` at a
+    point. ``at[pos]`` names the entry of the attributes holding input ``pos``'s value (a saved
+    input read at run time, or a forward value the rule has): ops whose gradient depends on the
+    values (max-like ops, products of several operands) are differentiated there. Inputs
+    without an entry are taken at zeros of ``a["in_shapes"][pos]``: ops linear in them have the
+    same gradient everywhere. Exact by construction; costs the forward once more, and a
+    compiled replay does not fuse across it."""
+    def vjp(rel: Sequence[MaybeTensor], a: Attrs) -> list[MaybeTensor]:
+        ref = next(r for r in rel if r is not None)
+        shapes = a.get("in_shapes") or [None] * len(at)
+        ins: list[MaybeTensor] = []
+        for pos, shape in enumerate(shapes):
+            key = at[pos] if pos < len(at) else None
+            value = a.get(key) if key is not None else None
+            if value is not None:
+                t = value.detach().to(ref.dtype) if value.is_floating_point() else None
+            elif shape is not None:
+                t = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            else:
+                t = None
+            ins.append(None if t is None else t.requires_grad_(True))
+        with torch.enable_grad():
+            outs = forward(ins, a)
+            pairs = [(o, r) for o, r in zip(outs, rel) if r is not None]
+            wrt = [t for t in ins if t is not None]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [r for _, r in pairs],
+                                             allow_unused=True))
+        return [None if t is None else next(grads) for t in ins]
+    return vjp
+
+
+# ---------------------------------------------------------------------------------------------
 # small tensor helpers shared by rules
 
 
-def own_output(vals: Sequence[MaybeTensor], p: Mapping[str, Any]) -> MaybeTensor:
-    """The node's forward output when the plan supplies it (the slot after the inputs')."""
-    n_inputs = len(p["send"])
-    return vals[n_inputs] if len(vals) > n_inputs else None
+def own_output(x: Attrs) -> MaybeTensor:
+    """The node's forward output when the plan supplies it."""
+    return x.get("out")
+
+
+def eps_sign(z: Tensor, eps: float) -> Tensor:
+    """``ε·sign(z)`` with sign(+0) = +1 (Zennit's convention), in two element-wise passes.
+
+    ``copysign`` gives a negative zero −ε; a matrix product or a sum never produces one (its
+    accumulator starts at +0), so only an explicit ``-0.0`` in the data differs from Zennit's
+    ``(z == 0) + sign(z)``, which gives it +ε.
+    """
+    return torch.full_like(z, eps).copysign_(z)
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
-    """``z + eps * sign(z)`` with sign(0) = +1 (Zennit's convention)."""
+    """``z + ε·sign(z)`` (sign as in :func:`eps_sign`)."""
     if eps == 0.0:
         return z
-    # sign(z) + 0.5 has the sign of z with sign(±0) = +1; five vectorised passes are several
-    # times faster than torch.where on CPU and give the same bits
-    return torch.sign(z).add_(0.5).sign_().mul_(eps).add_(z)
+    return eps_sign(z, eps).add_(z)
+
+
+def _in_place_ok(r: Tensor, d: Tensor) -> bool:
+    return d.shape == r.shape and d.dtype == torch.result_type(r, d) \
+        and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad))
 
 
 def stable_div(r: Tensor, z: Tensor, eps: float, nonneg: bool = False) -> Tensor:
@@ -241,32 +416,40 @@ def stable_div(r: Tensor, z: Tensor, eps: float, nonneg: bool = False) -> Tensor
         # (the stand-in's condition), and 0 / 0 there is 0, not NaN
         return r / z.masked_fill(z == 0, 1)
     d = (z + eps if eps else z) if nonneg else stabilize(z, eps)
-    if d is not z and d.shape == r.shape and d.dtype == torch.result_type(r, d) \
-            and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad)):
+    if d is not z and _in_place_ok(r, d):
         return torch.div(r, d, out=d)
     return r / d
 
 
-def stable_div_share(r: Tensor, z: Tensor, eps: float, nonneg: bool = False
-                     ) -> tuple[Tensor, Optional[Tensor]]:
-    """``(s, a)``: ``s = r / stabilize(z, eps)`` as :func:`stable_div` gives it, and the ε
-    share ``a = Σ ε·sign(z)·s`` (a 0-d tensor; ``None`` when ``eps`` is 0), the relevance the
-    stabiliser absorbs. Costs one product-sum over ``z`` more than :func:`stable_div`."""
-    if eps == 0.0:
-        return stable_div(r, z, 0.0, nonneg), None
-    if nonneg:  # z ≥ 0: stabilize(z) = z + eps
+def stable_div_share(r: Tensor, z: Tensor, eps: float, nonneg: bool = False,
+                     bias: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``(s, a)``: ``s = r / stabilize(z, eps)`` as :func:`stable_div` gives it, and the share
+    the stabiliser absorbs, ``a = Σ ε·sign(z)·s`` (a 0-d tensor; ``None`` when ``eps`` is 0 and
+    there is no ``bias``).
+
+    ``bias``: a term of ``z`` that absorbs its share too (broadcastable to ``z``): then
+    ``a = Σ (ε·sign(z) + bias)·s``, both shares in one reduction.
+    """
+    if nonneg:  # z ≥ 0: stabilize(z) = z + eps, ε·sign(z) = ε
         s = stable_div(r, z, eps, True)
-        return s, s.sum() * eps
-    e = torch.sign(z).add_(0.5).sign_().mul_(eps)  # ε·sign(z), sign(0) = +1
+        if bias is None:
+            return s, (s.sum() * eps if eps else None)
+        return s, dot_sum(bias + eps if eps else bias, s)
+    if eps == 0.0:
+        s = stable_div(r, z, 0.0)
+        return s, (None if bias is None else dot_sum(bias, s))
+    e = eps_sign(z, eps)
     d = e + z
-    if d.shape == r.shape and d.dtype == torch.result_type(r, d) \
-            and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad)):
-        s = torch.div(r, d, out=d)
-    else:
-        s = r / d
-    if e.shape == s.shape and e.dtype == s.dtype:
-        return s, torch.dot(e.reshape(-1), s.reshape(-1))
-    return s, (e * s).sum()
+    s = torch.div(r, d, out=d) if _in_place_ok(r, d) else r / d
+    if bias is not None and torch.broadcast_shapes(bias.shape, e.shape) == e.shape:
+        e.add_(bias)
+        bias = None
+    share = _dot(e, s) if e.shape == s.shape and e.dtype == s.dtype else (e * s).sum()
+    return s, (share if bias is None else share + dot_sum(bias, s))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def dot_sum(a: Tensor, b: Tensor) -> Tensor:
@@ -276,7 +459,7 @@ def dot_sum(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum()
     b = sum_to(b, a.shape)
     if a.shape == b.shape and a.dtype == b.dtype:
-        return torch.dot(a.reshape(-1), b.reshape(-1))
+        return _dot(a, b)
     return (a * b).sum()
 
 

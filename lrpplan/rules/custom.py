@@ -10,9 +10,9 @@ never does.
 - :func:`register_function` files a Function class (or its qualified name, so a library need
   not be imported) with a rule, optionally the ``ctx`` attributes holding its input values and
   a forward replay for Promise chains. It also registers an op spec under the node type name
-  (so Promise chains, the executor and :func:`lrpplan.coverage` find the node type) whose
-  forward dispatches on the node's class, and a key fact: the node's qualified class name, so
-  the plan key tells two same-named Function classes apart.
+  (so Promise chains, the executor and :func:`lrpplan.coverage` find the node type) with a
+  static fact, the node's qualified class name (``attrs["function"]``: the plan key tells two
+  same-named Function classes apart, and the forward dispatches on it).
 - ``RuleSet.override(F, rule)`` (:mod:`lrpplan.config`) gives a rule to one Function class in one
   rule set, like ``override(node_type, rule)`` does for a node type.
 - Built-in entries: Bloom's ``GeLUFunction`` (transformers), RecurrentGemma's
@@ -33,7 +33,6 @@ import torch
 from ..errors import RuleError
 from .base import OPS, RULES, Decision, ForwardFn, MaybeTensor, NodeInfo, OpSpec, Rule, \
     add_parts, register_op, register_rule
-from .layout import NODE_FACTS
 from . import routing  # noqa: F401  (registers 'identity' and 'absorb', which entries here use)
 
 #: forward replay given as a callable, ``"apply"`` (re-run the Function itself on the input
@@ -87,10 +86,19 @@ def function_class(node: Any) -> Optional[type]:
     return cls if isinstance(cls, type) else None
 
 
+#: qualified name -> the Function class, for every class whose nodes were seen (the key of each
+#: graph is computed before its plan runs, so a replay finds the class of every node it has)
+_CLASSES: dict[str, type] = {}
+
+
 def function_key(node: Any) -> Optional[str]:
     """The qualified class name of a custom-Function node (None for other nodes)."""
     cls = function_class(node)
-    return None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
+    if cls is None:
+        return None
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    _CLASSES.setdefault(key, cls)
+    return key
 
 
 def compiled_region(node: Any, node_type: str) -> bool:
@@ -108,28 +116,41 @@ def function_spec(node: Any) -> Optional[OpSpec]:
     return None if entry is None else entry.spec
 
 
-def _dispatch_forward(node: Any, vals):
-    """The forward replay of a Function node type: the forward of the node's own class."""
-    spec = function_spec(node)
-    if spec is None or spec.forward is None:
-        raise RuleError(f"{type(node).__name__}: no forward replay registered for the Function "
-                        f"class {function_key(node)!r} (lrpplan.register_function(..., "
-                        "forward=...))")
-    return spec.forward(node, vals)
+def spec_for(node: Any, node_type: str) -> Optional[OpSpec]:
+    """The op spec a node gets: its custom Function class's where that class is registered,
+    else its node type's (None: lrpplan does not know the node)."""
+    spec = function_spec(node) if function_class(node) is not None else None
+    return spec if spec is not None else OPS.get(node_type)
 
 
-def _apply_forward(node: Any, vals):
-    out = function_class(node).apply(*vals)
+#: node type -> what an :class:`~lrpplan.errors.UnsupportedOperation` adds about it
+UNSUPPORTED_HINTS = {
+    "CheckpointFunctionBackward": "Reentrant activation checkpointing hides a whole block in one "
+    "node; explain with checkpointing off or with torch.utils.checkpoint(use_reentrant=False).",
+}
+
+
+def _dispatch_forward(vals, a):
+    """The forward replay of a Function node type: the forward of the node's own class (its
+    qualified name is the static fact ``a["function"]``)."""
+    entry = FUNCTIONS.get(a["function"])
+    if entry is None or entry.spec.forward is None:
+        raise RuleError(f"no forward replay registered for the Function class "
+                        f"{a['function']!r} (lrpplan.register_function(..., forward=...))")
+    return entry.spec.forward(vals, a)
+
+
+def _apply_forward(vals, a):
+    out = _CLASSES[a["function"]].apply(*vals)
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _key_node_type(node_type: str, rule: str) -> None:
-    """Make the plan key record the qualified class of every node of ``node_type`` (the key
-    reads per-node facts of node types with an op spec)."""
+    """Make the plan key record the qualified class of every node of ``node_type``: the node
+    type's op spec (registered here if lrpplan has none) carries it as a static fact."""
     if node_type not in OPS:
-        register_op(node_type, rule, forward=_dispatch_forward)
-    if node_type not in NODE_FACTS:
-        NODE_FACTS[node_type] = function_key
+        register_op(node_type, rule, forward=_dispatch_forward, attr_prefix="",
+                    facts={"function": function_key}, meta=("out_shapes",))
 
 
 def register_function(function: Any, rule: str, *,
@@ -153,7 +174,8 @@ def register_function(function: Any, rule: str, *,
         input position -> name of the ``ctx`` attribute the forward stored that input's value
         in (``ctx.x = x``; ``ctx.save_for_backward`` tensors are not addressable by name).
     forward:
-        the forward replay for Promise chains: ``fn(node, input_values) -> [outputs]``, or
+        the forward replay for Promise chains: ``fn(input_values, attrs) -> [outputs]``
+        (``attrs["function"]``: the qualified class name), or
         ``"apply"`` to re-run the Function itself on the input values (for Functions whose
         ``forward`` takes tensors only).
     forward_inputs:
@@ -196,7 +218,9 @@ def register_function(function: Any, rule: str, *,
     else:
         raise TypeError(f"forward must be a callable, 'apply' or None, got {forward!r}")
     node_type = key.rsplit(".", 1)[-1] + "Backward"
-    spec = OpSpec(node_type, rule, dict(saved_inputs or {}), {}, fwd, forward_inputs)
+    spec = OpSpec(node_type, rule, saved_inputs=dict(saved_inputs or {}), forward=fwd,
+                  forward_inputs=forward_inputs, attr_prefix="",
+                  facts={"function": function_key}, meta=("out_shapes",))
     FUNCTIONS[key] = FunctionEntry(key, node_type, spec)
     _key_node_type(node_type, rule)
     return key
@@ -231,14 +255,14 @@ class Passthrough(Rule):
         return Decision(values=(), send=tuple(live and not none for live, none in
                                               zip(info.live_inputs, info.none_inputs)))
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         send = p["send"]
         ref = next(r for r in rel if r is not None)
         out: list[MaybeTensor] = []
         for i, s in enumerate(send):
             r = rel[i] if i < len(rel) else None
             if s and r is None:  # nothing reached this output: nothing to pass on
-                r = ref.new_zeros(tuple(node._input_metadata[i].shape))
+                r = ref.new_zeros(tuple(x["out_shapes"][i]))
             out.append(r if s else None)
         if not self.absorbs(p):
             return out
@@ -251,7 +275,7 @@ class Passthrough(Rule):
 # libraries the zoo uses (transformers, torchvision has none) and PyTorch's backward hooks
 
 
-def _bloom_gelu(node: Any, vals) -> list[torch.Tensor]:
+def _bloom_gelu(vals, a) -> list[torch.Tensor]:
     # transformers' bloom_gelu_forward: the tanh approximation of GELU
     x = vals[0]
     return [x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))]
@@ -261,9 +285,9 @@ register_function("transformers.models.bloom.modeling_bloom.GeLUFunction", "iden
                   forward=_bloom_gelu)
 register_function(
     "transformers.models.recurrent_gemma.modeling_recurrent_gemma.SqrtBoundDerivative",
-    "identity", forward=lambda node, vals: [torch.sqrt(vals[0])])
+    "identity", forward=lambda vals, a: [torch.sqrt(vals[0])])
 register_function("torch.nn.modules._functions.BackwardHookFunction", "passthrough",
-                  forward=lambda node, vals: list(vals))
+                  forward=lambda vals, a: list(vals))
 
 
 def unsupported_hint(node: Any, node_type: str, advise: bool = True) -> str:

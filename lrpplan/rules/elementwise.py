@@ -13,68 +13,68 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, register_op, register_rule,
-                   own_output, stable_div, stable_div_share, sum_to)
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output, register_op,
+                   register_rule, stable_div_share, sum_to)
 from .layout import broadcast_pattern
 
 # ---------------------------------------------------------------------------------------------
 # unary nonlinearities: identity rule; forward replays for Promise chains
 
+#: node type -> (forward of the input value and the attributes, saved input, saved output,
+#: static attributes, attributes read at run time)
 _UNARY = {
-    "ReluBackward0": (lambda n, x: torch.relu(x), {}, {0: "_saved_result"}),
-    "GeluBackward0": (lambda n, x: F.gelu(x, approximate=n._saved_approximate),
-                      {0: "_saved_self"}, {}),
-    "SiluBackward0": (lambda n, x: F.silu(x), {0: "_saved_self"}, {}),
-    "TanhBackward0": (lambda n, x: torch.tanh(x), {}, {0: "_saved_result"}),
-    "SigmoidBackward0": (lambda n, x: torch.sigmoid(x), {}, {0: "_saved_result"}),
-    "SoftplusBackward0": (lambda n, x: F.softplus(x, n._saved_beta, n._saved_threshold),
-                          {0: "_saved_self"}, {}),
-    "EluBackward0": (lambda n, x: F.elu(x, n._saved_alpha), {0: "_saved_self"}, {}),
-    "HardswishBackward0": (lambda n, x: F.hardswish(x), {0: "_saved_self"}, {}),
-    "HardsigmoidBackward0": (lambda n, x: F.hardsigmoid(x), {0: "_saved_self"}, {}),
-    "MishBackward0": (lambda n, x: F.mish(x), {0: "_saved_self"}, {}),
-    "LeakyReluBackward0": (lambda n, x: F.leaky_relu(x, n._saved_negative_slope),
-                           {0: "_saved_self"}, {}),
-    "HardtanhBackward0": (lambda n, x: F.hardtanh(x, n._saved_min_val, n._saved_max_val),
-                          {0: "_saved_self"}, {}),
-    "ExpBackward0": (lambda n, x: torch.exp(x), {}, {0: "_saved_result"}),
-    "LogBackward0": (lambda n, x: torch.log(x), {0: "_saved_self"}, {}),
-    "NegBackward0": (lambda n, x: -x, {}, {}),
-    "AbsBackward0": (lambda n, x: x.abs(), {0: "_saved_self"}, {}),
-    "SqrtBackward0": (lambda n, x: torch.sqrt(x), {}, {0: "_saved_result"}),
-    "RsqrtBackward0": (lambda n, x: torch.rsqrt(x), {}, {0: "_saved_result"}),
-    "ReciprocalBackward0": (lambda n, x: torch.reciprocal(x), {}, {0: "_saved_result"}),
-    "PowBackward0": (lambda n, x: torch.pow(x, n._saved_exponent), {0: "_saved_self"}, {}),
-    "SinBackward0": (lambda n, x: torch.sin(x), {0: "_saved_self"}, {}),
-    "CosBackward0": (lambda n, x: torch.cos(x), {0: "_saved_self"}, {}),
-    "ErfBackward0": (lambda n, x: torch.erf(x), {0: "_saved_self"}, {}),
-    "LogSoftmaxBackward0": (lambda n, x: torch.log_softmax(x, _sdim(n)), {}, {}),
-    "LogSigmoidBackward0": (lambda n, x: F.logsigmoid(x), {0: "_saved_self"}, {}),
-    "ClampBackward1": (lambda n, x: torch.clamp(x, n._saved_min, n._saved_max),
-                       {0: "_saved_self"}, {}),
-    "ClampMinBackward0": (lambda n, x: torch.clamp_min(x, n._saved_min), {0: "_saved_self"}, {}),
-    "MulBackward1": (lambda n, x: x * n._saved_other, {}, {}),
-    "DivBackward1": (lambda n, x: x / n._saved_other, {}, {}),
+    "ReluBackward0": (lambda x, a: torch.relu(x), {}, {0: "_saved_result"}, (), ()),
+    "GeluBackward0": (lambda x, a: F.gelu(x, approximate=a["approximate"]),
+                      {0: "_saved_self"}, {}, ("approximate",), ()),
+    "SiluBackward0": (lambda x, a: F.silu(x), {0: "_saved_self"}, {}, (), ()),
+    "TanhBackward0": (lambda x, a: torch.tanh(x), {}, {0: "_saved_result"}, (), ()),
+    "SigmoidBackward0": (lambda x, a: torch.sigmoid(x), {}, {0: "_saved_result"}, (), ()),
+    "SoftplusBackward0": (lambda x, a: F.softplus(x, a["beta"], a["threshold"]),
+                          {0: "_saved_self"}, {}, ("beta", "threshold"), ()),
+    "EluBackward0": (lambda x, a: F.elu(x, a["alpha"]), {0: "_saved_self"}, {}, ("alpha",), ()),
+    "HardswishBackward0": (lambda x, a: F.hardswish(x), {0: "_saved_self"}, {}, (), ()),
+    "HardsigmoidBackward0": (lambda x, a: F.hardsigmoid(x), {0: "_saved_self"}, {}, (), ()),
+    "MishBackward0": (lambda x, a: F.mish(x), {0: "_saved_self"}, {}, (), ()),
+    "LeakyReluBackward0": (lambda x, a: F.leaky_relu(x, a["negative_slope"]),
+                           {0: "_saved_self"}, {}, ("negative_slope",), ()),
+    "HardtanhBackward0": (lambda x, a: F.hardtanh(x, a["min_val"], a["max_val"]),
+                          {0: "_saved_self"}, {}, ("min_val", "max_val"), ()),
+    "ExpBackward0": (lambda x, a: torch.exp(x), {}, {0: "_saved_result"}, (), ()),
+    "LogBackward0": (lambda x, a: torch.log(x), {0: "_saved_self"}, {}, (), ()),
+    "NegBackward0": (lambda x, a: -x, {}, {}, (), ()),
+    "AbsBackward0": (lambda x, a: x.abs(), {0: "_saved_self"}, {}, (), ()),
+    "SqrtBackward0": (lambda x, a: torch.sqrt(x), {}, {0: "_saved_result"}, (), ()),
+    "RsqrtBackward0": (lambda x, a: torch.rsqrt(x), {}, {0: "_saved_result"}, (), ()),
+    "ReciprocalBackward0": (lambda x, a: torch.reciprocal(x), {}, {0: "_saved_result"}, (), ()),
+    "PowBackward0": (lambda x, a: torch.pow(x, a["exponent"]), {0: "_saved_self"}, {},
+                     ("exponent",), ()),
+    "SinBackward0": (lambda x, a: torch.sin(x), {0: "_saved_self"}, {}, (), ()),
+    "CosBackward0": (lambda x, a: torch.cos(x), {0: "_saved_self"}, {}, (), ()),
+    "ErfBackward0": (lambda x, a: torch.erf(x), {0: "_saved_self"}, {}, (), ()),
+    "LogSoftmaxBackward0": (lambda x, a: torch.log_softmax(x, a["dim"]), {}, {}, ("dim",), ()),
+    "LogSigmoidBackward0": (lambda x, a: F.logsigmoid(x), {0: "_saved_self"}, {}, (), ()),
+    "ClampBackward1": (lambda x, a: torch.clamp(x, a["min"], a["max"]), {0: "_saved_self"}, {},
+                       ("min", "max"), ()),
+    "ClampMinBackward0": (lambda x, a: torch.clamp_min(x, a["min"]), {0: "_saved_self"}, {},
+                          ("min",), ()),
+    # a scalar factor may follow the sizes (x / seq_len): read at run time, not in the key
+    "MulBackward1": (lambda x, a: x * a["other"], {}, {}, (), ("other",)),
+    "DivBackward1": (lambda x, a: x / a["other"], {}, {}, (), ("other",)),
 }
 
 
-def _sdim(n) -> int:
-    d = n._saved_dim
-    return d - (1 << 64) if d >= (1 << 63) else d
-
-
 def _unary_forward(fn):
-    return lambda node, vals: [fn(node, vals[0])]
+    return lambda vals, a: [fn(vals[0], a)]
 
 
 register_op("PowBackward2", "identity", saved_inputs={0: "_saved_exponent"},
-            saved_outputs={0: "_saved_result"},
-            forward=lambda n, v: [torch.pow(n._saved_self, v[0])], forward_inputs=(0,))
+            saved_outputs={0: "_saved_result"}, reads=("self",),
+            forward=lambda v, a: [torch.pow(a["self"], v[0])], forward_inputs=(0,))
 
-for _name, (_fn, _saved_in, _saved_out) in _UNARY.items():
+for _name, (_fn, _saved_in, _saved_out, _attrs, _reads) in _UNARY.items():
     register_op(_name, "identity", saved_inputs=_saved_in, saved_outputs=_saved_out,
-                forward=_unary_forward(_fn), forward_inputs=(0,),
-                key_attrs=("approximate",) if _name == "GeluBackward0" else ())
+                forward=_unary_forward(_fn), forward_inputs=(0,), attrs=_attrs, reads=_reads,
+                stands_in=_name == "ReluBackward0")
 
 # ---------------------------------------------------------------------------------------------
 # Add / Sub / Rsub: z-rule
@@ -90,14 +90,20 @@ _ADD_COEFS = {
 }
 
 
-def _coefs(node, node_type: str) -> list[float]:
-    alpha = float(getattr(node, "_saved_alpha", 1) or 1)
+def _coefs(a, node_type: str) -> list[float]:
+    alpha = float(a.get("alpha", 1) or 1)
     table = {"1": 1.0, "a": alpha, "-a": -alpha, "-1": -1.0}
     return [table[c] for c in _ADD_COEFS[node_type]]
 
 
-def _add_forward(node, vals):
-    coefs = _coefs(node, type(node).__name__)
+def _add_forward_of(node_type: str):
+    def forward(vals, a):
+        return _add_forward(node_type, vals, a)
+    return forward
+
+
+def _add_forward(node_type, vals, a):
+    coefs = _coefs(a, node_type)
     out = None
     for c, v in zip(coefs, vals):
         if v is None:  # unsaved constant: taken as 0 (recorded by the caller)
@@ -144,7 +150,7 @@ class ZRule(Rule):
                         params={"mode": "z", "share": list(share), "reuse_output": True},
                         assumption=assumption)
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0]
         send = p["send"]
         out = [None] * len(send)
@@ -153,10 +159,10 @@ class ZRule(Rule):
                 if s:
                     out[i] = r  # broadcast operands are summed back by the executor (fit_shapes)
             return out
-        coefs = _coefs(node, p["node_type"])
-        terms = {i: as_rel(vals[i], r.dtype) if coefs[i] == 1.0 else
-                 coefs[i] * as_rel(vals[i], r.dtype) for i in p["share"]}
-        z = own_output(vals, p)  # the true output
+        coefs = _coefs(x, p["node_type"])
+        terms = {i: as_rel(x[i], r.dtype) if coefs[i] == 1.0 else
+                 coefs[i] * as_rel(x[i], r.dtype) for i in p["share"]}
+        z = own_output(x)  # the true output
         # a constant autograd did not save is in the output: its share, z − Σ known terms
         constant = z is not None and (len(send) < 2 or len(p["share"]) < len(send))
         if z is not None and z.dtype != r.dtype and not constant:
@@ -181,18 +187,20 @@ class ZRule(Rule):
         return out + [add_parts(parts, s)]
 
 
-for _name in _ADD_COEFS:
-    register_op(_name, "add", forward=_add_forward, key_attrs=("alpha",), broadcasts=True)
+for _name, _coef in _ADD_COEFS.items():
+    register_op(_name, "add", forward=_add_forward_of(_name), attrs=("alpha",), broadcasts=True,
+                zero_operands=tuple(range(len(_coef))), meta=("in_shapes",),
+                sum_of_two=_name == "AddBackward0")
 
 # ---------------------------------------------------------------------------------------------
 # Mul / Div
 
 
-def _mul_forward(node, vals):
+def _mul_forward(vals, a):
     return [vals[0] * vals[1]]
 
 
-def _div_forward(node, vals):
+def _div_forward(vals, a):
     return [vals[0] / vals[1]]
 
 
@@ -237,7 +245,7 @@ class ProductRule(Rule):
             send[i] = True
         return Decision(values=(), send=tuple(send), params={"share": 1.0 / max(len(live), 1)})
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0]
         share = p["share"]
         out = [None] * len(p["send"])
@@ -250,6 +258,6 @@ class ProductRule(Rule):
 
 
 register_op("MulBackward0", "product", saved_inputs={0: "_saved_self", 1: "_saved_other"},
-            forward=_mul_forward, broadcasts=True)
+            forward=_mul_forward, broadcasts=True, meta=("in_shapes",))
 register_op("DivBackward0", "product", saved_inputs={0: "_saved_self", 1: "_saved_other"},
-            forward=_div_forward, broadcasts=True)
+            forward=_div_forward, broadcasts=True, meta=("in_shapes",))

@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+import torch
+
 from .base import register_op
-from .routing import _dim
 
 
-def _embedding_forward(node, vals):
+def _embedding_forward(vals, a):
     # padding_idx only changes the gradient, never the forward value; saved as 2**64-1 for None
-    pad = _dim(node._saved_padding_idx)
-    return [F.embedding(node._saved_indices, vals[0], None if pad < 0 else pad)]
+    pad = a["padding_idx"]
+    return [F.embedding(a["indices"], vals[0], None if pad < 0 else pad)]
 
 
-register_op("EmbeddingBackward0", "route", forward=_embedding_forward)
+def _embedding_vjp(rel, a):
+    return [torch.ops.aten.embedding_dense_backward(
+        rel[0], a["indices"], a["weight_sym_argsize_0"], a["padding_idx"],
+        a["scale_grad_by_freq"])]
+
+
+register_op("EmbeddingBackward0", "route", attrs=("padding_idx", "scale_grad_by_freq"),
+            reads=("indices", "weight_sym_argsize_0"), forward=_embedding_forward,
+            vjp=_embedding_vjp)
 
 #: node type -> the saved attribute holding the token ids an embedding lookup read
 TOKEN_LOOKUPS = {"EmbeddingBackward0": "_saved_indices"}

@@ -14,16 +14,14 @@ function that both the key and the decision call, so the two cannot drift apart:
   same gate is not broadcast, which is another structure (another key, another plan).
 - :func:`operand_facts`: that pattern together with "the operand has the output's dtype" (the
   value sources compare dtypes), per input of a node, read from the graph's metadata.
-- :data:`NODE_FACTS`: per node type, facts its rule reads from saved values: how many outputs a
-  split / unbind has (the plan stores one relevance slot per output), whether a convolution has
-  a bias (a frozen bias is a lost constant, a missing one is not), whether an attention node ran
-  with dropout (its rule refuses it).
+- per node type, facts its rule reads from saved values (how many outputs a split / unbind has,
+  whether a convolution has a bias, whether an attention node ran with dropout) are the op
+  spec's static attributes and ``facts`` (:meth:`lrpplan.rules.base.OpSpec.static`): the key
+  and the steps get them from the same function.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
-
-from .attention import _SDPA_TYPES, _saved
+from typing import Any, NamedTuple, Optional, Sequence
 
 
 class BroadcastPattern(NamedTuple):
@@ -89,10 +87,6 @@ def operand_facts(node: Any, producers: Sequence[Optional[tuple[Any, int]]]) -> 
 # per node type: facts its rule reads from saved values
 
 
-def _n_outputs(node: Any) -> int:
-    return len(node._input_metadata)
-
-
 def conv_has_bias(node: Any) -> bool:
     """A convolution had a bias operand (its edge is ``None`` both when the bias is frozen and
     when there is none; only a frozen one is a lost constant). Autograd records the bias sizes
@@ -101,27 +95,7 @@ def conv_has_bias(node: Any) -> bool:
     return sizes is not None and tuple(sizes) != (0,)
 
 
-def _attention_dropout(node: Any) -> bool:
-    return float(_saved(node, "_saved_dropout_p") or 0.0) > 0.0
-
-
-#: node type -> fn(node) -> plain fact that goes into the key
-NODE_FACTS: dict[str, Callable[[Any], Any]] = {
-    # the number of outputs follows the split size / the unbound dim's size; the plan keeps one
-    # relevance slot per output and routes through the node with that many gradients
-    "SplitBackward0": _n_outputs,
-    "SplitWithSizesBackward0": _n_outputs,
-    "UnbindBackward0": _n_outputs,
-    "ConvolutionBackward0": conv_has_bias,
-}
-for _t in _SDPA_TYPES:
-    NODE_FACTS[_t] = _attention_dropout
-
-#: leaves have one output, always (no fact to record)
-_LEAF_TYPES = frozenset({"AccumulateGrad"})
-
-
-def unknown_node_fact(node_type: str, node: Any) -> Any:
+def unknown_node_fact(node: Any) -> Any:
     """The key fact of a node type without an op spec (a declared fallback routes through the
-    node with one gradient per output): its number of outputs; ``None`` for a leaf."""
-    return None if node_type in _LEAF_TYPES else _n_outputs(node)
+    node with one gradient per output): its number of outputs."""
+    return len(node._input_metadata)

@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output, register_op,
-                   register_rule, stable_div_share)
+from .base import (Attrs, Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output,
+                   register_op, register_rule, stable_div_share)
 from .layout import conv_has_bias
 
 T = torch.Tensor
@@ -21,115 +21,129 @@ T = torch.Tensor
 
 @dataclass(frozen=True)
 class Bilinear:
-    """How to run and differentiate ``z = f(a, b) + bias`` for one node type."""
+    """How to run and differentiate ``z = f(a, b) + bias`` for one node type, from tensors and
+    the node's attributes ``at`` (plain data in the step) alone."""
 
     a: int                      # input position of the left operand
     b: int                      # input position of the right operand
     bias: Optional[int]         # input position of the bias (None: none)
-    fwd: Callable[[Any, T, T, Optional[T]], T]
-    vjp_a: Callable[[Any, T, T, T], T]   # (node, s, a, b) -> dz/da^T s
-    vjp_b: Callable[[Any, T, T, T], T]   # (node, s, a, b) -> dz/db^T s
-    #: (node, bias, z.dim()) -> the term ``fwd`` adds to the product, broadcastable to z
-    bias_term: Callable[[Any, T, int], T] = lambda n, b, dim: b
+    fwd: Callable[[T, T, Optional[T], Attrs], T]
+    vjp_a: Callable[[T, T, T, Attrs], T]   # (s, a, b, at) -> dz/da^T s
+    vjp_b: Callable[[T, T, T, Attrs], T]   # (s, a, b, at) -> dz/db^T s
+    #: (bias, z.dim(), at) -> the term ``fwd`` adds to the product, broadcastable to z
+    bias_term: Callable[[T, int, Attrs], T] = lambda b, dim, at: b
 
 
-def _alpha(n) -> float:
-    return float(getattr(n, "_saved_alpha", 1) or 1)
+def _alpha(at: Attrs) -> float:
+    return float(at.get("alpha", 1) or 1)
 
 
-def _beta(n) -> float:
-    return float(getattr(n, "_saved_beta", 1) or 1)
+def _beta(at: Attrs) -> float:
+    return float(at.get("beta", 1) or 1)
 
 
-def _conv_args(n):
-    return (list(n._saved_stride), list(n._saved_padding), list(n._saved_dilation),
-            bool(n._saved_transposed), list(n._saved_output_padding), int(n._saved_groups))
+_CONV_ATTRS = ("stride", "padding", "dilation", "transposed", "output_padding", "groups")
 
 
-def _conv_fwd(n, x, w, b):
-    stride, padding, dilation, transposed, out_pad, groups = _conv_args(n)
+def _conv_args(at: Attrs) -> tuple:
+    return (list(at["stride"]), list(at["padding"]), list(at["dilation"]), bool(at["transposed"]),
+            list(at["output_padding"]), int(at["groups"]))
+
+
+def _conv_fwd(x, w, b, at):
+    stride, padding, dilation, transposed, out_pad, groups = _conv_args(at)
     return torch.convolution(x, w, b, stride, padding, dilation, transposed, out_pad, groups)
 
 
-def _conv_vjp(n, s, x, w, mask):
-    stride, padding, dilation, transposed, out_pad, groups = _conv_args(n)
+def _conv_vjp(s, x, w, at, mask):
+    stride, padding, dilation, transposed, out_pad, groups = _conv_args(at)
     grads = torch.ops.aten.convolution_backward(
         s, x, w, None, stride, padding, dilation, transposed, out_pad, groups, mask)
     return grads[0] if mask[0] else grads[1]
 
 
-def _addmm_fwd(n, a, b, bias):
+def _addmm_fwd(a, b, bias, at):
     z = torch.mm(a, b)
-    if _alpha(n) != 1.0:
-        z = z * _alpha(n)
+    if _alpha(at) != 1.0:
+        z = z * _alpha(at)
     if bias is not None:
-        z = z + (bias if _beta(n) == 1.0 else _beta(n) * bias)
+        z = z + (bias if _beta(at) == 1.0 else _beta(at) * bias)
     return z
 
 
-def _mm_vjp_a(n, s, a, b):
+def _mm_vjp_a(s, a, b, at):
     g = s @ b.transpose(-1, -2)
-    return g * _alpha(n) if _alpha(n) != 1.0 else g
+    return g * _alpha(at) if _alpha(at) != 1.0 else g
 
 
-def _mm_vjp_b(n, s, a, b):
+def _mm_vjp_b(s, a, b, at):
     g = a.transpose(-1, -2) @ s
-    return g * _alpha(n) if _alpha(n) != 1.0 else g
+    return g * _alpha(at) if _alpha(at) != 1.0 else g
 
 
-def _beta_bias(n, bias):
-    return bias if _beta(n) == 1.0 else _beta(n) * bias
+def _beta_bias(bias, at):
+    return bias if _beta(at) == 1.0 else _beta(at) * bias
 
 
-def _baddbmm_fwd(n, a, b, bias):
+def _baddbmm_fwd(a, b, bias, at):
     z = torch.bmm(a, b)
-    if _alpha(n) != 1.0:
-        z = z * _alpha(n)
-    return z if bias is None else z + _beta(n) * bias
+    if _alpha(at) != 1.0:
+        z = z * _alpha(at)
+    return z if bias is None else z + _beta(at) * bias
 
 
 BILINEAR: dict[str, Bilinear] = {
     "AddmmBackward0": Bilinear(1, 2, 0, _addmm_fwd, _mm_vjp_a, _mm_vjp_b,
-                                lambda n, b, dim: _beta_bias(n, b)),
-    "MmBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.mm(a, b),
-                            lambda n, s, a, b: s @ b.t(), lambda n, s, a, b: a.t() @ s),
-    "BmmBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.bmm(a, b),
+                                lambda b, dim, at: _beta_bias(b, at)),
+    "MmBackward0": Bilinear(0, 1, None, lambda a, b, _, at: torch.mm(a, b),
+                            lambda s, a, b, at: s @ b.t(), lambda s, a, b, at: a.t() @ s),
+    "BmmBackward0": Bilinear(0, 1, None, lambda a, b, _, at: torch.bmm(a, b),
                              _mm_vjp_a, _mm_vjp_b),
     "BaddbmmBackward0": Bilinear(1, 2, 0, _baddbmm_fwd, _mm_vjp_a, _mm_vjp_b,
-                                 lambda n, b, dim: _beta(n) * b),
-    "MvBackward0": Bilinear(0, 1, None, lambda n, a, b, _: torch.mv(a, b),
-                            lambda n, s, a, b: torch.outer(s, b), lambda n, s, a, b: a.t() @ s),
+                                 lambda b, dim, at: _beta(at) * b),
+    "MvBackward0": Bilinear(0, 1, None, lambda a, b, _, at: torch.mv(a, b),
+                            lambda s, a, b, at: torch.outer(s, b), lambda s, a, b, at: a.t() @ s),
     "ConvolutionBackward0": Bilinear(
         0, 1, 2, _conv_fwd,
-        lambda n, s, a, b: _conv_vjp(n, s, a, b, [True, False, False]),
-        lambda n, s, a, b: _conv_vjp(n, s, a, b, [False, True, False]),
-        lambda n, b, dim: b.reshape((1, -1) + (1,) * (dim - 2))),
+        lambda s, a, b, at: _conv_vjp(s, a, b, at, [True, False, False]),
+        lambda s, a, b, at: _conv_vjp(s, a, b, at, [False, True, False]),
+        lambda b, dim, at: b.reshape((1, -1) + (1,) * (dim - 2))),
 }
 
 
-def _forward(spec: Bilinear):
-    def fwd(node, vals):
+def bilinear_forward(spec: Bilinear):
+    """The forward replay of a node type with a :class:`Bilinear` entry."""
+    def fwd(vals, at):
         bias = vals[spec.bias] if spec.bias is not None else None
-        return [spec.fwd(node, vals[spec.a], vals[spec.b], bias)]
+        return [spec.fwd(vals[spec.a], vals[spec.b], bias, at)]
     return fwd
 
 
+def _bias_positions(at: Attrs) -> tuple[int, ...]:
+    """An addmm's bias (input 0) is always there: an untracked one is a frozen bias."""
+    return (0,)
+
+
+def _conv_bias_positions(at: Attrs) -> tuple[int, ...]:
+    return (2,) if at.get("has_bias") else ()
+
+
 register_op("AddmmBackward0", "linear", saved_inputs={1: "_saved_mat1", 2: "_saved_mat2"},
-            forward=_forward(BILINEAR["AddmmBackward0"]), forward_inputs=(0, 1, 2),
-            key_attrs=("alpha", "beta"))
+            forward=bilinear_forward(BILINEAR["AddmmBackward0"]), forward_inputs=(0, 1, 2),
+            attrs=("alpha", "beta"), hides_value=_bias_positions)
 register_op("MmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
-            forward=_forward(BILINEAR["MmBackward0"]))
+            forward=bilinear_forward(BILINEAR["MmBackward0"]))
 register_op("BmmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
-            forward=_forward(BILINEAR["BmmBackward0"]))
+            forward=bilinear_forward(BILINEAR["BmmBackward0"]))
 register_op("BaddbmmBackward0", "linear",
             saved_inputs={1: "_saved_batch1", 2: "_saved_batch2"},
-            forward=_forward(BILINEAR["BaddbmmBackward0"]), key_attrs=("alpha", "beta"))
+            forward=bilinear_forward(BILINEAR["BaddbmmBackward0"]), attrs=("alpha", "beta"))
 register_op("MvBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_vec"},
-            forward=_forward(BILINEAR["MvBackward0"]))
+            forward=bilinear_forward(BILINEAR["MvBackward0"]))
 register_op("ConvolutionBackward0", "linear",
             saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-            forward=_forward(BILINEAR["ConvolutionBackward0"]), forward_inputs=(0, 1, 2),
-            key_attrs=("transposed", "groups", "stride", "dilation"))
+            forward=bilinear_forward(BILINEAR["ConvolutionBackward0"]), forward_inputs=(0, 1, 2),
+            attrs=_CONV_ATTRS, facts={"has_bias": conv_has_bias}, hides_value=_conv_bias_positions)
 
 # ---------------------------------------------------------------------------------------------
 # ε-rule family for x (the operand leading to a target) and w (the one that does not)
@@ -152,13 +166,13 @@ def _variant_epsilon(run, x, w, b, r, p, z=None):
 
 
 def _epsilon(run, x, w, b, rel: list, p, z=None):
-    """ε-rule taking the relevance out of ``rel``: it is freed before the VJP (peak memory)."""
+    """ε-rule taking the relevance out of ``rel``: it is freed before the VJP (peak memory).
+    The ε and bias shares are one reduction (:func:`~lrpplan.rules.base.stable_div_share`)."""
     nonneg = z is not None and p.get("output_nonneg", False)
     hidden = _hidden_bias(run, x, w, z, p)
     z = run.fwd(x, w, b) if z is None else z
-    s, eps_part = stable_div_share(rel[0], z, p["epsilon"], nonneg)
-    absorbed = add_parts([eps_part, run.bias_dot(s, b),
-                          None if hidden is None else dot_sum(hidden, s)], s)
+    s, shares = stable_div_share(rel[0], z, p["epsilon"], nonneg, bias=run.bias_term(b, z.dim()))
+    absorbed = add_parts([shares, None if hidden is None else dot_sum(hidden, s)], s)
     rel[0] = z = hidden = None
     g = run.vjp(s, x, w)
     del s
@@ -283,38 +297,31 @@ def p_attention(info: NodeInfo) -> str:
     return str(info.params.get("attention", "attnlrp"))
 
 
-def _has_bias(info: NodeInfo) -> bool:
-    """A bias operand exists (Addmm always has one; a convolution says so in its saved sizes)."""
-    if info.node_type == "ConvolutionBackward0":
-        return conv_has_bias(info.node)
-    return True
-
-
 class _Oriented:
     """Presents ``z = f(x, w)`` with x either the left or the right operand."""
 
-    __slots__ = ("spec", "node", "x_is_a")
+    __slots__ = ("spec", "at", "x_is_a")
 
-    def __init__(self, spec: Bilinear, node: Any, x_is_a: bool) -> None:
-        self.spec, self.node, self.x_is_a = spec, node, x_is_a
+    def __init__(self, spec: Bilinear, at: Attrs, x_is_a: bool) -> None:
+        self.spec, self.at, self.x_is_a = spec, at, x_is_a
 
     def fwd(self, x: T, w: T, b: Optional[T]) -> T:
         if self.x_is_a:
-            return self.spec.fwd(self.node, x, w, b)
-        return self.spec.fwd(self.node, w, x, b)
+            return self.spec.fwd(x, w, b, self.at)
+        return self.spec.fwd(w, x, b, self.at)
 
     def vjp(self, s: T, x: T, w: T) -> T:
         if self.x_is_a:
-            return self.spec.vjp_a(self.node, s, x, w)
-        return self.spec.vjp_b(self.node, s, w, x)
+            return self.spec.vjp_a(s, x, w, self.at)
+        return self.spec.vjp_b(s, w, x, self.at)
+
+    def bias_term(self, b: Optional[T], dim: int) -> Optional[T]:
+        """The bias as ``fwd`` adds it, broadcastable to the output (``None`` without one)."""
+        return None if b is None else self.spec.bias_term(b, dim, self.at)
 
     def bias_dot(self, s: T, b: Optional[T]) -> Optional[T]:
         """Σ (bias term)·s: the share the bias absorbs (``None`` without a bias)."""
-        return None if b is None else _bias_dot(self.spec, self.node, s, b)
-
-
-def _bias_dot(spec: Bilinear, node: Any, s: T, b: T) -> T:
-    return dot_sum(spec.bias_term(node, b, s.dim()), s)
+        return None if b is None else dot_sum(self.bias_term(b, s.dim()), s)
 
 
 @register_rule
@@ -348,7 +355,8 @@ class LinearRule(Rule):
                 lb = send[spec.b] = False
         mode = "bilinear" if (la and lb) else ("a" if la else "b")
         assumption = ""
-        if spec.bias is not None and info.none_inputs[spec.bias] and _has_bias(info):
+        if spec.bias is not None and info.none_inputs[spec.bias] and \
+                spec.bias in (info.spec.hides_value(info.attrs) if info.spec.hides_value else ()):
             assumption = (f"{info.node_type}: its bias does not require grad, so autograd did "
                           "not keep it, nor did any consumer keep the layer's output: the bias "
                           "is taken as 0")
@@ -359,39 +367,38 @@ class LinearRule(Rule):
                         params=params, assumption=assumption,
                         lost_constant=bool(assumption))
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         spec = BILINEAR[p["node_type"]]
         r = rel[0]
-        a, b = as_rel(vals[spec.a], r.dtype), as_rel(vals[spec.b], r.dtype)
+        a, b = as_rel(x[spec.a], r.dtype), as_rel(x[spec.b], r.dtype)
         bias = None
-        if spec.bias is not None and vals[spec.bias] is not None:
-            bias = as_rel(vals[spec.bias], r.dtype)
+        if spec.bias is not None and x.get(spec.bias) is not None:
+            bias = as_rel(x[spec.bias], r.dtype)
         out = [None] * len(p["send"])
         mode = p["mode"]
-        z_saved = own_output(vals, p)  # the forward output, when the graph holds it
+        run = _Oriented(spec, x, mode != "b")
+        z_saved = own_output(x)  # the forward output, when the graph holds it
         if z_saved is not None and z_saved.dtype != r.dtype and not p.get("hidden_bias"):
             # a half-precision output is rounded: recomputed in the relevance dtype, the
             # denominator is the sum the numerators add up to (conservation to float round-off)
             z_saved = None
         if mode == "bilinear":
-            z = as_rel(z_saved, r.dtype) if z_saved is not None else spec.fwd(node, a, b, bias)
-            s, eps_part = stable_div_share(
-                r, z, p["epsilon"], z_saved is not None and p.get("output_nonneg", False))
+            z = as_rel(z_saved, r.dtype) if z_saved is not None else run.fwd(a, b, bias)
             hidden = None if z_saved is None or not p.get("hidden_bias") else \
-                z - spec.fwd(node, a, b, None)  # no own-terms form: see _hidden_bias
-            absorbed = add_parts([eps_part, None if bias is None else _bias_dot(spec, node, s, bias),
-                                  None if hidden is None else dot_sum(hidden, s)], s)
-            out[spec.a] = 0.5 * a * spec.vjp_a(node, s, a, b)
-            out[spec.b] = 0.5 * b * spec.vjp_b(node, s, a, b)
+                z - run.fwd(a, b, None)  # no own-terms form: see _hidden_bias
+            s, shares = stable_div_share(
+                r, z, p["epsilon"], z_saved is not None and p.get("output_nonneg", False),
+                bias=run.bias_term(bias, z.dim()))
+            absorbed = add_parts([shares, None if hidden is None else dot_sum(hidden, s)], s)
+            out[spec.a] = 0.5 * a * run.vjp(s, a, b)
+            out[spec.b] = 0.5 * b * spec.vjp_b(s, a, b, x)
             return out + [absorbed]
-        x_is_a = mode == "a"
-        run = _Oriented(spec, node, x_is_a)
-        x, w = (a, b) if x_is_a else (b, a)
+        xa, w = (a, b) if mode == "a" else (b, a)
         z = as_rel(z_saved, r.dtype) if z_saved is not None else None
         if p["variant"] == "epsilon":
             del r  # the executor's list holds the only other reference: _epsilon drops it
-            y, absorbed = _epsilon(run, x, w, bias, rel, p, z)
+            y, absorbed = _epsilon(run, xa, w, bias, rel, p, z)
         else:
-            y, absorbed = VARIANTS[p["variant"]](run, x, w, bias, r, p, z)
-        out[spec.a if x_is_a else spec.b] = y
+            y, absorbed = VARIANTS[p["variant"]](run, xa, w, bias, r, p, z)
+        out[spec.a if mode == "a" else spec.b] = y
         return out + [absorbed]

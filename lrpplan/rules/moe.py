@@ -10,8 +10,8 @@ both operands lead to targets) through one more :data:`~lrpplan.rules.linear.BIL
 its forward and the two vector-Jacobian products, written as grouped products again.
 
 The four operand layouts of ``_grouped_mm`` (read from the live operands at run time; which
-tokens went to which expert is never part of a plan, the offsets are read from the node on every
-run):
+tokens went to which expert is never part of a plan, the offsets are read from the node by a value
+op on every run):
 
 - 2-D × 3-D, ``offs`` over the rows of ``a`` (the MoE forward): ``z[rows g] = a[rows g] @ b[g]``;
 - 3-D × 2-D, ``offs`` over the columns of ``b``: ``z[:, cols g] = a[g] @ b[:, cols g]``;
@@ -27,20 +27,16 @@ other dtypes (float64 relevance) and layouts take a loop over the groups, the sa
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from .base import register_op
-from .linear import BILINEAR, Bilinear, _forward
+from .base import Attrs, register_op
+from .linear import BILINEAR, Bilinear, bilinear_forward
 
 T = torch.Tensor
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _offs(node: Any) -> Optional[T]:
-    return getattr(node, "_saved_offs", None)
 
 
 def _spans(offs: T) -> list[tuple[int, int]]:
@@ -112,21 +108,21 @@ def _t(x: T) -> T:
     return x.transpose(-1, -2)
 
 
-def _vjp_a(node: Any, s: T, a: T, b: T) -> T:
+def _vjp_a(s: T, a: T, b: T, at: Attrs) -> T:
     """``(∂z/∂a)ᵀ s``: per group ``s_g b_gᵀ``, again a grouped product, in every layout:
     rows ``[S,N]·[G,N,K]``; columns ``[M,N]·[N,K]`` over N -> ``[G,M,K]``; shared dim
     ``[G,M,N]·[N,K]`` over K's columns -> ``[M,K]``; batched ``bmm``."""
-    return grouped_mm(s, _t(b), _offs(node))
+    return grouped_mm(s, _t(b), at.get("offs"))
 
 
-def _vjp_b(node: Any, s: T, a: T, b: T) -> T:
+def _vjp_b(s: T, a: T, b: T, at: Attrs) -> T:
     """``(∂z/∂b)ᵀ s``: per group ``a_gᵀ s_g``: rows ``[K,S]·[S,N]`` over S -> ``[G,K,N]``;
     columns ``[G,K,M]·[M,N]`` -> ``[K,N]``; shared dim ``[K,M]·[G,M,N]`` over K -> ``[K,N]``."""
-    return grouped_mm(_t(a), s, _offs(node))
+    return grouped_mm(_t(a), s, at.get("offs"))
 
 
-def _fwd(node: Any, a: T, b: T, bias: Optional[T]) -> T:
-    return grouped_mm(a, b, _offs(node))
+def _fwd(a: T, b: T, bias: Optional[T], at: Attrs) -> T:
+    return grouped_mm(a, b, at.get("offs"))
 
 
 #: the grouped product in the ε-rule family's table; ``_grouped_mm`` has no differentiable bias
@@ -134,4 +130,4 @@ def _fwd(node: Any, a: T, b: T, bias: Optional[T]) -> T:
 BILINEAR["GroupedMmBackward0"] = Bilinear(0, 1, None, _fwd, _vjp_a, _vjp_b)
 
 register_op("GroupedMmBackward0", "linear", saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
-            forward=_forward(BILINEAR["GroupedMmBackward0"]))
+            reads=("offs",), forward=bilinear_forward(BILINEAR["GroupedMmBackward0"]))

@@ -15,23 +15,26 @@ from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_out
                    register_rule, stable_div_share)
 
 
-def _layer_norm_parts(n, dtype):
-    x = as_rel(n._saved_input, dtype)
-    k = len(n._saved_normalized_shape)
-    mean = n._saved_result1
+_LN_READS = ("input", "result1", "result2", "weight", "bias")
+
+
+def _layer_norm_parts(a, dtype):
+    x = as_rel(a["input"], dtype)
+    k = len(a["normalized_shape"])
+    mean = a["result1"]
     # a half-precision mean is rounded: the exact mean keeps the centring map's relevance equal
     # to Σ (y − b)·s (conservation); the same mean up to that rounding
     mean = as_rel(mean, dtype) if mean.dtype == dtype else \
         x.mean(tuple(range(-k, 0)), keepdim=True)
-    rstd = as_rel(n._saved_result2, dtype)
-    w = n._saved_weight
-    b = n._saved_bias
+    rstd = as_rel(a["result2"], dtype)
+    w = a["weight"]
+    b = a["bias"]
     scale = rstd if w is None else rstd * as_rel(w, dtype)
     return x, k, mean, scale, (None if b is None else as_rel(b, dtype))
 
 
-def _layer_norm_forward(n, vals):
-    x, k, mean, scale, b = _layer_norm_parts(n, n._saved_input.dtype)
+def _layer_norm_forward(vals, a):
+    x, k, mean, scale, b = _layer_norm_parts(a, a["input"].dtype)
     y = (x - mean) * scale
     return [y if b is None else y + b]
 
@@ -52,79 +55,79 @@ class CentredNorm(Rule):
             and not info.none_inputs[2] else ()
         return Decision(values=values, send=send)
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0]
         if p["node_type"] == "NativeGroupNormBackward0":
-            rx, absorbed = _group_norm_rel(node, r, vals, p["epsilon"])
+            rx, absorbed = _group_norm_rel(x, r, p["epsilon"])
             return [rx, None, None][:len(p["send"])] + [absorbed]
-        x, k, mean, scale, b = _layer_norm_parts(node, r.dtype)
-        y = (x - mean) * scale
+        v, k, mean, scale, b = _layer_norm_parts(x, r.dtype)
+        y = (v - mean) * scale
         if b is not None:
             y = y + b
-        s, eps_part = stable_div_share(r, y, p["epsilon"])
-        absorbed = add_parts([eps_part, None if b is None else dot_sum(b, s)], s)
+        s, shares = stable_div_share(r, y, p["epsilon"], bias=b)
         c = scale * s
         dims = tuple(range(-k, 0))
         out = [None] * len(p["send"])
-        out[0] = x * (c - c.mean(dims, keepdim=True))
-        return out + [absorbed]
+        out[0] = v * (c - c.mean(dims, keepdim=True))
+        return out + [add_parts([shares], s)]
 
 
-def _group_norm_rel(n, r, vals, eps):
-    x = as_rel(n._saved_input, r.dtype)
-    N, C, G = int(n._saved_N), int(n._saved_C), int(n._saved_group)
-    shape = x.shape
+_GN_READS = ("input", "result1", "result2", "weight", "N")
+
+
+def _group_norm_parts(a, dtype):
+    x = as_rel(a["input"], dtype)
+    N, C, G = int(a["N"]), int(a["C"]), int(a["group"])
     xg = x.reshape(N, G, -1)
-    mean = n._saved_result1
-    mean = as_rel(mean, r.dtype).reshape(N, G, 1) if mean.dtype == r.dtype else \
+    mean = a["result1"]
+    mean = as_rel(mean, dtype).reshape(N, G, 1) if mean.dtype == dtype else \
         xg.mean(-1, keepdim=True)  # exact where the saved one is rounded (half precision)
-    rstd = as_rel(n._saved_result2, r.dtype).reshape(N, G, 1)
-    w = n._saved_weight
-    bshape = (1, C) + (1,) * (len(shape) - 2)
-    wc = torch.ones(bshape, dtype=r.dtype, device=r.device) if w is None else \
-        as_rel(w, r.dtype).reshape(bshape)
-    y = ((xg - mean) * rstd).reshape(shape) * wc
-    bias = vals[2] if len(vals) > 2 else None
+    rstd = as_rel(a["result2"], dtype).reshape(N, G, 1)
+    bshape = (1, C) + (1,) * (x.dim() - 2)
+    w = a["weight"]
+    wc = torch.ones(bshape, dtype=dtype, device=x.device) if w is None else \
+        as_rel(w, dtype).reshape(bshape)
+    return x, xg, mean, rstd, wc, bshape
+
+
+def _group_norm_rel(a, r, eps):
+    x, xg, mean, rstd, wc, bshape = _group_norm_parts(a, r.dtype)
+    y = ((xg - mean) * rstd).reshape(x.shape) * wc
+    bias = a.get(2)
     if bias is not None:
         bias = as_rel(bias, r.dtype).reshape(bshape)
         y = y + bias
-    s, eps_part = stable_div_share(r, y, eps)
-    absorbed = add_parts([eps_part, None if bias is None else dot_sum(bias, s)], s)
-    c = (wc * s).reshape(N, G, -1) * rstd
-    return (xg * (c - c.mean(-1, keepdim=True))).reshape(shape), absorbed
+    s, shares = stable_div_share(r, y, eps, bias=bias)
+    absorbed = add_parts([shares], s)
+    c = (wc * s).reshape(xg.shape) * rstd
+    return (xg * (c - c.mean(-1, keepdim=True))).reshape(x.shape), absorbed
 
 
-def _group_norm_forward(n, vals):
-    x = n._saved_input
-    N, C, G = int(n._saved_N), int(n._saved_C), int(n._saved_group)
-    xg = x.reshape(N, G, -1)
-    y = ((xg - n._saved_result1.reshape(N, G, 1)) * n._saved_result2.reshape(N, G, 1))
-    y = y.reshape(x.shape)
-    bshape = (1, C) + (1,) * (x.dim() - 2)
-    if n._saved_weight is not None:
-        y = y * n._saved_weight.reshape(bshape)
+def _group_norm_forward(vals, a):
+    x, xg, mean, rstd, wc, bshape = _group_norm_parts(a, a["input"].dtype)
+    y = ((xg - mean) * rstd).reshape(x.shape) * wc
     if len(vals) > 2 and vals[2] is not None:
         y = y + vals[2].reshape(bshape)
     return [y]
 
 
-def _bn_affine(n, dtype):
+def _bn_affine(a, op: str, dtype):
     """Per-channel scale ``a`` and shift ``c`` with ``y = a·x + c`` (broadcast shape (1,C,1..))."""
-    x = n._saved_input
+    x = a["input"]
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    training = bool(getattr(n, "_saved_training", False))
-    if type(n).__name__ == "CudnnBatchNormBackward0":
-        training = training or n._saved_running_mean is None
+    training = bool(a.get("training", False))
+    if op == "CudnnBatchNormBackward0":
+        training = training or a["running_mean"] is None
     if training:
-        mean = as_rel(n._saved_result1, dtype)
-        invstd = as_rel(n._saved_result2, dtype)
+        mean = as_rel(a["result1"], dtype)
+        invstd = as_rel(a["result2"], dtype)
     else:
-        eps = float(getattr(n, "_saved_eps", getattr(n, "_saved_epsilon", 1e-5)))
-        mean = as_rel(n._saved_running_mean, dtype)
-        invstd = torch.rsqrt(as_rel(n._saved_running_var, dtype) + eps)
-    w = n._saved_weight
-    a = invstd if w is None else invstd * as_rel(w, dtype)
-    return a.reshape(shape), mean.reshape(shape), shape
+        eps = float(a.get("eps", a.get("epsilon", 1e-5)))
+        mean = as_rel(a["running_mean"], dtype)
+        invstd = torch.rsqrt(as_rel(a["running_var"], dtype) + eps)
+    w = a["weight"]
+    scale = invstd if w is None else invstd * as_rel(w, dtype)
+    return scale.reshape(shape), mean.reshape(shape), shape
 
 
 @register_rule
@@ -142,13 +145,13 @@ class AffineNorm(Rule):
         values = (2,) if info.n_inputs > 2 and not info.none_inputs[2] else ()
         return Decision(values=values, send=send, params={"reuse_output": True})
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0]
-        x = as_rel(node._saved_input, r.dtype)
-        a, mean, shape = _bn_affine(node, r.dtype)
-        ax = a * x
-        y = own_output(vals, p)  # the output where the graph holds it
-        bias = vals[2] if len(vals) > 2 else None
+        v = as_rel(x["input"], r.dtype)
+        a, mean, shape = _bn_affine(x, p["node_type"], r.dtype)
+        ax = a * v
+        y = own_output(x)  # the output where the graph holds it
+        bias = x.get(2)
         if y is not None and y.dtype != r.dtype and bias is not None:
             y = None  # rounded (half precision): recomputed in the relevance dtype
         nonneg = y is not None and p.get("output_nonneg", False)
@@ -158,32 +161,41 @@ class AffineNorm(Rule):
         elif y is not None and not nonneg:
             # a bias autograd did not keep is in the given output: no own-terms form, so the
             # shift is read off the output at one position per channel (y − a·x there)
-            first = (0, slice(None)) + (0,) * (x.dim() - 2)
+            first = (0, slice(None)) + (0,) * (v.dim() - 2)
             shift = (as_rel(y[first], r.dtype) - ax[first]).reshape(shape)
         if y is None:
             y = ax - a * mean
             if bias is not None:
                 y = y + as_rel(bias, r.dtype).reshape(shape)
-        s, eps_part = stable_div_share(r, as_rel(y, r.dtype), p["epsilon"], nonneg)
-        absorbed = add_parts([eps_part, dot_sum(shift, s)], s)
+        s, shares = stable_div_share(r, as_rel(y, r.dtype), p["epsilon"], nonneg, bias=shift)
         out = [None] * len(p["send"])
         out[0] = ax.mul_(s)
-        return out + [absorbed]
+        return out + [add_parts([shares], s)]
 
 
-def _bn_forward(n, vals):
-    x = n._saved_input
-    a, mean, shape = _bn_affine(n, x.dtype)
-    y = a * (x - mean)
-    if len(vals) > 2 and vals[2] is not None:
-        y = y + vals[2].reshape(shape)
-    return [y]
+def _bn_forward(op: str):
+    def forward(vals, a):
+        x = a["input"]
+        scale, mean, shape = _bn_affine(a, op, x.dtype)
+        y = scale * (x - mean)
+        if len(vals) > 2 and vals[2] is not None:
+            y = y + vals[2].reshape(shape)
+        return [y]
+    return forward
 
+
+_BN_READS = ("input", "weight", "running_mean", "running_var", "result1", "result2")
 
 register_op("NativeLayerNormBackward0", "centred_norm", saved_inputs={0: "_saved_input"},
-            forward=_layer_norm_forward, forward_inputs=(), key_attrs=("normalized_shape",))
+            forward=_layer_norm_forward, forward_inputs=(), attrs=("normalized_shape",),
+            reads=_LN_READS)
 register_op("NativeGroupNormBackward0", "centred_norm", saved_inputs={0: "_saved_input"},
-            forward=_group_norm_forward, forward_inputs=(2,), key_attrs=("group",))
-register_op(["NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"],
-            "affine_norm", saved_inputs={0: "_saved_input"}, forward=_bn_forward,
-            forward_inputs=(2,), key_attrs=("training",))
+            forward=_group_norm_forward, forward_inputs=(2,), attrs=("C", "group"),
+            reads=_GN_READS)
+register_op("NativeBatchNormBackward0", "affine_norm", saved_inputs={0: "_saved_input"},
+            forward=_bn_forward("NativeBatchNormBackward0"), forward_inputs=(2,),
+            attrs=("training", "eps"), reads=_BN_READS)
+for _name in ("CudnnBatchNormBackward0", "MiopenBatchNormBackward0"):
+    register_op(_name, "affine_norm", saved_inputs={0: "_saved_input"},
+                forward=_bn_forward(_name), forward_inputs=(2,), attrs=("training", "epsilon"),
+                reads=_BN_READS)

@@ -23,8 +23,7 @@ import torch
 from ..errors import RuleError
 from .base import (OPS, Decision, MaybeTensor, NodeInfo, Rule, as_rel, register_op,
                    register_rule, stable_div_share)
-from .layout import NODE_FACTS, _n_outputs
-from .routing import _dim
+from .routing import _join_vjp, _n_outputs
 
 Tensor = torch.Tensor
 
@@ -32,24 +31,19 @@ Tensor = torch.Tensor
 # routing ops of the decomposed cells
 
 
-def _unsafe_split(node, v):
-    return list(torch.unsafe_split(v[0], node._saved_split_size, _dim(node._saved_dim)))
-
-
-def _unsafe_split_sizes(node, v):
-    return list(torch.unsafe_split_with_sizes(v[0], list(node._saved_split_sizes),
-                                              _dim(node._saved_dim)))
-
-
-register_op("UnsafeSplitBackward0", "route", key_attrs=("dim",), forward=_unsafe_split)
-register_op("UnsafeSplitWithSizesBackward0", "route", key_attrs=("dim",),
-            forward=_unsafe_split_sizes)
-# ``x.transpose_(d0, d1)``: the in-place transpose; its forward replay is the out-of-place one
-register_op("TransposeBackward1", "route", key_attrs=("dim0", "dim1"),
-            forward=lambda n, v: [v[0].transpose(_dim(n._saved_dim0), _dim(n._saved_dim1))])
 # the number of outputs follows the split size (one relevance slot per output): in the key
-NODE_FACTS["UnsafeSplitBackward0"] = _n_outputs
-NODE_FACTS["UnsafeSplitWithSizesBackward0"] = _n_outputs
+register_op("UnsafeSplitBackward0", "route", attrs=("dim",), facts={"n_out": _n_outputs},
+            reads=("split_size",), meta=("out_shapes",), vjp=_join_vjp(False),
+            forward=lambda v, a: list(torch.unsafe_split(v[0], a["split_size"], a["dim"])))
+register_op("UnsafeSplitWithSizesBackward0", "route", attrs=("dim",),
+            facts={"n_out": _n_outputs}, reads=("split_sizes",), meta=("out_shapes",),
+            vjp=_join_vjp(False),
+            forward=lambda v, a: list(torch.unsafe_split_with_sizes(
+                v[0], list(a["split_sizes"]), a["dim"])))
+# ``x.transpose_(d0, d1)``: the in-place transpose; its forward replay is the out-of-place one
+register_op("TransposeBackward1", "route", attrs=("dim0", "dim1"),
+            forward=lambda v, a: [v[0].transpose(a["dim0"], a["dim1"])],
+            vjp=lambda rel, a: [rel[0].transpose(a["dim0"], a["dim1"])])
 
 # ---------------------------------------------------------------------------------------------
 # gate × signal products (Arras et al. 2017, 2019: signal-take-all)
@@ -330,8 +324,8 @@ _MKLDNN_SAVED = {0: "_saved_input", 1: "_saved_weight0", 2: "_saved_weight1",
                  3: "_saved_weight2", 4: "_saved_weight3", 5: "_saved_hx_", 6: "_saved_cx_"}
 
 
-def _mkldnn_mode(node: Any) -> str:
-    mode = int(node._saved_mode)
+def _mkldnn_mode(a: Any) -> str:
+    mode = int(a["mode"])
     if mode not in RNN_MODES:
         raise ValueError(f"MkldnnRnnLayerBackward0 with mode {mode}: known {sorted(RNN_MODES)}")
     return RNN_MODES[mode][0]
@@ -347,11 +341,11 @@ def _layer_values(vals: Sequence[MaybeTensor], kind: str, has_biases: bool, dtyp
     return x, w_ih, w_hh, b_ih, b_hh, h0, c0
 
 
-def _mkldnn_forward(node, vals):
-    kind = _mkldnn_mode(node)
-    has_biases = bool(node._saved_has_biases)
+def _mkldnn_forward(vals, a):
+    kind = _mkldnn_mode(a)
+    has_biases = bool(a["has_biases"])
     x, w_ih, w_hh, b_ih, b_hh, h0, c0 = _layer_values(vals, kind, has_biases, vals[0].dtype)
-    out, h, c, _, _ = rnn_layer_forward(kind, bool(node._saved_reverse), x, w_ih, w_hh, b_ih,
+    out, h, c, _, _ = rnn_layer_forward(kind, bool(a["reverse"]), x, w_ih, w_hh, b_ih,
                                         b_hh, h0, c0)
     return [out, h, c if c is not None else torch.zeros_like(h)]
 
@@ -364,7 +358,7 @@ class RecurrentLayerRule(Rule):
 
     Parameters (plan step): ``kind`` (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``),
     ``reverse``, ``has_biases``, all read from the node at trace time and in the plan key
-    (``key_attrs``); rule-set parameters ``epsilon`` and ``gates`` (as for the product rule).
+    (static ``attrs``); rule-set parameters ``epsilon`` and ``gates`` (as for the product rule).
     Absorbs the bias and ε shares and the shares of initial states that lead to no explained
     input.
     """
@@ -380,7 +374,7 @@ class RecurrentLayerRule(Rule):
 
     def decide(self, info: NodeInfo) -> Decision:
         node = info.node
-        kind = _mkldnn_mode(node)
+        kind = _mkldnn_mode(info.attrs)
         check_gates(info.params.get("gates", "signal"))
         if tuple(getattr(node, "_saved_batch_sizes", ()) or ()):
             raise RuleError("the rule 'rnn' does not support MkldnnRnnLayerBackward0 of a packed "
@@ -389,24 +383,24 @@ class RecurrentLayerRule(Rule):
         if x.dim() != 3 or hx.dim() != 2 or x.shape[1] != hx.shape[0]:
             raise RuleError(f"MkldnnRnnLayerBackward0: input {list(x.shape)} and state "
                              f"{list(hx.shape)} are not time-major [T, B, in] and [B, H]")
-        has_biases = bool(node._saved_has_biases)
+        has_biases = bool(info.attrs["has_biases"])
         live = [l and not n for l, n in zip(info.live_inputs, info.none_inputs)]
         send = tuple(live[i] if i in (0, 5) or (i == 6 and kind == "lstm") else False
                      for i in range(info.n_inputs))
         values = (0, 1, 2) + ((3, 4) if has_biases else ()) + (5,) + ((6,) if kind == "lstm"
                                                                        else ())
         return Decision(values=values, send=send, params={
-            "kind": kind, "reverse": bool(node._saved_reverse), "has_biases": has_biases})
+            "kind": kind, "reverse": bool(info.attrs["reverse"]), "has_biases": has_biases})
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         ref = next(r for r in rel if r is not None)
         kind = p["kind"]
-        x, w_ih, w_hh, b_ih, b_hh, h0, c0 = _layer_values(vals, kind, p["has_biases"], ref.dtype)
+        v, w_ih, w_hh, b_ih, b_hh, h0, c0 = _layer_values(x, kind, p["has_biases"], ref.dtype)
         send = p["send"]
         rels = [None if r is None else as_rel(r, ref.dtype) for r in
                 list(rel) + [None] * (3 - len(rel))]
         r_x, r_h0, r_c0, absorbed = rnn_layer_relevance(
-            kind, p["reverse"], rels[:3], x, w_ih, w_hh, b_ih, b_hh, h0, c0,
+            kind, p["reverse"], rels[:3], v, w_ih, w_hh, b_ih, b_hh, h0, c0,
             (send[0], send[5], len(send) > 6 and send[6]), p["gates"], p["epsilon"])
         out: list[MaybeTensor] = [None] * len(send)
         out[0], out[5] = r_x, r_h0
@@ -418,4 +412,4 @@ class RecurrentLayerRule(Rule):
 register_op("MkldnnRnnLayerBackward0", "rnn", saved_inputs=_MKLDNN_SAVED,
             saved_outputs={0: "_saved_result0", 1: "_saved_result1", 2: "_saved_result2"},
             forward=_mkldnn_forward, forward_inputs=(0, 1, 2, 3, 4, 5, 6),
-            key_attrs=("mode", "reverse", "has_biases", "batch_first"))
+            attrs=("mode", "reverse", "has_biases", "batch_first"))

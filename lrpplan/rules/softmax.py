@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule
-from .routing import _dim
 
 
 def softmax_relevance(x: torch.Tensor, s: torch.Tensor, r: torch.Tensor, dim: int,
@@ -60,18 +59,14 @@ class SoftmaxRule(Rule):
                         assumption=f"{info.node_type}: softmax input saved nowhere; logits "
                                    "reconstructed as log(softmax), exact up to a per-row constant")
 
-    def run(self, node, rel, vals, p):
+    def run(self, rel, x, p):
         r = rel[0]
-        s = as_rel(node._saved_result, r.dtype)
-        dim = _dim(node._saved_dim)
-        if p["logits"] == "value":
-            x = as_rel(vals[0], r.dtype)
-        else:
-            x = torch.log(s)
-        out, absorbed = softmax_relevance(x, s, r, dim, absorbed=True)
+        s = as_rel(x["result"], r.dtype)
+        logits = as_rel(x[0], r.dtype) if p["logits"] == "value" else torch.log(s)
+        out, absorbed = softmax_relevance(logits, s, r, x["dim"], absorbed=True)
         return [out, absorbed]
 
 
 register_op(["SoftmaxBackward0", "SafeSoftmaxBackward0"], "softmax",
-            saved_outputs={0: "_saved_result"}, key_attrs=("dim",),
-            forward=lambda n, v: [torch.softmax(v[0], _dim(n._saved_dim))])
+            saved_outputs={0: "_saved_result"}, attrs=("dim",), reads=("result",),
+            forward=lambda v, a: [torch.softmax(v[0], a["dim"])])

@@ -15,7 +15,8 @@ promise testable, for lrpplan's own rules and for any user model:
   some sizes and replayed at others, in memory and from disk, equals a fresh trace),
   :func:`conservation_report`;
 - settings profiles: :func:`register_profiles` (``"ci"``: derandomised, a few dozen examples;
-  ``"long"``: hundreds) and :func:`profile` (the one named by ``HYPOTHESIS_PROFILE``).
+  ``"long"``: hundreds) and :func:`profile` (the one named by ``HYPOTHESIS_PROFILE``);
+- :func:`rule_inputs`: what a plan step gives a rule on one live node, to call a rule by hand.
 
 ``import lrpplan`` does not import this module (nor hypothesis); import it explicitly.
 
@@ -53,6 +54,7 @@ from .invariance import (
 from .profiles import (
     profile, register_profiles,
 )
+from .rules import rule_inputs
 from .strategies import (
     architectures, dtypes, inputs_for, targets_for,
 )
@@ -72,4 +74,6 @@ __all__ = [
     "conservation_report", "ShapeReplay", "assert_shape_invariance",
     # settings
     "register_profiles", "profile",
+    # one rule on one node
+    "rule_inputs",
 ]

@@ -204,14 +204,14 @@ def assert_replay_matches_trace(model: nn.Module, *inputs: Any, rules: Any = Non
     Returns
     -------
     lrpplan.Attribution
-        the replayed explanation.
+        the replayed explanation, with the ledger's per-node rows (``ledger="nodes"``).
 
     Raises
     ------
     AssertionError
         when the second call traced instead of replaying, or the relevances differ.
     """
-    explainer = lrpplan.Explainer(model, rules=rules, cache=False)
+    explainer = lrpplan.Explainer(model, rules=rules, cache=False, ledger="nodes")
     first = explainer(*inputs)
     if first.cached:
         raise AssertionError("the first call of a fresh Explainer replayed a plan")
