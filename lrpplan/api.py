@@ -13,7 +13,7 @@ import torch
 
 from .cache import PlanCache
 from .config import RuleSet
-from .errors import InvalidInputError, LRPWarning, NonFiniteError, UnrecoverableValueError
+from .errors import InvalidInputError, LRPWarning, UnrecoverableValueError
 from .finite import check_finite
 from .fingerprint import fingerprint
 from .graph import Graph, capture
@@ -182,8 +182,8 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
             raise InvalidInputError(
                 "the explained output must be a tensor with a grad_fn (computed with gradients "
                 "enabled from inputs or parameters that require grad)")
-        if not torch.isfinite(o).all():
-            raise NonFiniteError("the explained output holds NaN or infinity")
+    # the seeds are checked with the results, in one synchronisation (lrpplan.finite)
+    seed_error = "the explained output holds NaN or infinity"
     if seed is None:
         seeds = [o.detach().to(_relevance_dtype(o)) for o in outputs]
     else:
@@ -196,9 +196,8 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
             if s.shape != o.shape:
                 raise InvalidInputError(f"seed shape {tuple(s.shape)} != output shape "
                                         f"{tuple(o.shape)}")
-            if not torch.isfinite(s).all():
-                raise NonFiniteError("seed holds NaN or infinity")
             seeds.append(s.detach().to(_relevance_dtype(o)))
+        seed_error = "seed holds NaN or infinity"
     ruleset = RuleSet.ensure(rules)
     roots = []
     for o in outputs:
@@ -226,7 +225,8 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                       ruleset.config(), extra=matched)
     store = _store_for(cache)
     with torch.no_grad(), _no_autocast():
-        result = _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of, executor)
+        result = _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of, executor,
+                      seed_error)
     plan = result[-1]
     lost = plan.stats.get("constants_taken_as_zero", 0)
     if lost:
@@ -250,7 +250,8 @@ def _no_autocast() -> contextlib.ExitStack:
 
 def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: list,
          ruleset: RuleSet, ins: list, module_of: dict[int, str],
-         executor: type[Executor] = Executor):
+         executor: type[Executor] = Executor,
+         seed_error: str = "the explained output holds NaN or infinity"):
     hit = store.get(key, len(graph))
     cached = hit is not None
     if hit is not None:
@@ -274,7 +275,7 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
     for i, x in enumerate(ins):
         if out[i] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             out[i] = torch.zeros(x.shape, dtype=seeds[0].dtype, device=x.device)
-    check_finite(graph, plan, seeds, ex)  # finite relevance, or the node that broke it
+    check_finite(graph, plan, seeds, ex, seed_error)  # finite relevance, or the node that broke it
     ledger = Ledger(seeds, ex.book(), graph.types)
     return out, ledger, cached, plan.key, plan
 
@@ -415,7 +416,7 @@ def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool,
     # stand-ins instead, through functional_call, so the model itself is never modified
     frozen = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()
               if not p.requires_grad} if is_module else {}
-    buffers = _snapshot_buffers(model) if is_module else []
+    buffers = _BufferSnapshot(model) if is_module else None
     recorder_ctx = record_modules(model) if ruleset.modules and is_module \
         else contextlib.nullcontext()
     recording = ForwardRecording() if record else None
@@ -441,7 +442,8 @@ def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool,
                                                     targets, token_inputs, recorder, recording,
                                                     executor)
     finally:
-        _restore_buffers(buffers)
+        if buffers is not None:
+            buffers.restore()
         if recording is not None:
             recording.clear()
     relevance = rel[0] if len(ins) == 1 else tuple(rel)
@@ -471,26 +473,55 @@ _INFERENCE_MODE = ("lrpplan cannot explain under torch.inference_mode(): autogra
                    "by itself, so torch.no_grad() around the call is fine)")
 
 
-def _snapshot_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of every buffer (running statistics, counters), to restore after the forward."""
-    with torch.no_grad():
-        return [(b, b.detach().clone()) for b in model.buffers()]
+class _BufferSnapshot:
+    """Every buffer of a model (running statistics, counters), restorable after a forward.
+
+    One flat copy per dtype and device, and one comparison of it after the forward (a kernel
+    each, not one per buffer: ATen updates BatchNorm's running statistics without moving their
+    version counters, so the values are what is compared); only where a group changed are its
+    buffers compared one by one and copied back."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        buffers = [b for b in model.buffers() if b.numel()]
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for b in buffers:
+            groups.setdefault((b.dtype, b.device), []).append(b)
+        with torch.no_grad():
+            self.groups = [(members, self._flat(members)) for members in groups.values()]
+
+    @staticmethod
+    def _flat(members: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([b.detach().reshape(-1) for b in members])
+
+    def _pairs(self):
+        """(buffer, its copy) of every group whose values changed."""
+        for members, flat in self.groups:
+            if torch.equal(self._flat(members), flat):
+                continue
+            offset = 0
+            for b in members:
+                copy = flat[offset:offset + b.numel()].view(b.shape)
+                offset += b.numel()
+                if not torch.equal(b, copy):
+                    yield b, copy
+
+    def changed(self) -> bool:
+        """The forward changed a buffer's values."""
+        with torch.no_grad():
+            return any(True for _ in self._pairs())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, copy in list(self._pairs()):
+                b.copy_(copy)
 
 
-def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for buf, copy in saved:
-            if not torch.equal(buf, copy):
-                buf.copy_(copy)
-
-
-def _warn_if_training(model: torch.nn.Module,
-                      buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _warn_if_training(model: torch.nn.Module, buffers: _BufferSnapshot) -> None:
     """Warn when training mode changed what the forward computed: a dropout module in training
     mode, or buffers (BatchNorm's running statistics) the forward pass updated."""
     dropout = any(m.training and isinstance(m, torch.nn.modules.dropout._DropoutNd)
                   and m.p > 0 for m in model.modules())
-    updated = any(not torch.equal(buf, copy) for buf, copy in buffers)
+    updated = buffers.changed()
     if dropout or updated:
         if model in _WARNED_TRAINING:
             return

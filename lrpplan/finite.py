@@ -1,7 +1,7 @@
 """Relevance is finite wherever the explained output is finite: the check and the locator.
 
 :func:`check_finite` costs one reduction per result and one over the ledger sums, and a single
-host synchronisation, on every explanation. Only when it fails does it re-run the plan on the
+host synchronisation, on every explanation (the explained output is checked with them). Only when it fails does it re-run the plan on the
 same live graph with the same seeds under a :class:`CheckingExecutor`, which checks every
 deposit as it is made: the first non-finite deposit comes from the first step that received
 finite relevance (everything before it was checked) and sent a non-finite one, and the
@@ -44,6 +44,27 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(flags).all()
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Every element of every tensor is finite; one host synchronisation.
+
+    A screen first: the sum of each tensor, all stacked, checked at once (a sum is finite only
+    if every element is, so a finite screen proves it). Only when the screen fails (a NaN or an
+    infinity, or a sum of finite values that overflowed) is every element checked."""
+    if not tensors:
+        return True
+    sums = [t.reshape(()) if t.dim() == 0 else t.sum() for t in tensors]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in sums:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    flags = [torch.isfinite(torch.stack(g)).all() for g in groups.values()]
+    if len(flags) == 1:
+        if bool(flags[0]):
+            return True
+    elif bool(torch.stack([f.cpu() for f in flags]).all()):
+        return True
+    return bool(_all_finite(list(tensors)))
+
+
 class CheckingExecutor(DetailedExecutor):
     """A :class:`~lrpplan.replay.DetailedExecutor` that checks every deposit a rule makes (and
     the rule's ledger sums) and raises :class:`~lrpplan.errors.NonFiniteError` at the first
@@ -64,7 +85,7 @@ class CheckingExecutor(DetailedExecutor):
     def deposit(self, slot: int, t: torch.Tensor) -> None:
         super().deposit(slot, t)
         s = self._step
-        if s is not None and not bool(torch.isfinite(t).all()):
+        if s is not None and not all_finite([t]):
             pos = s.rel_out.index(slot) if slot in s.rel_out else -1
             self._fail(s, f"the relevance it sent to input {pos}")
 
@@ -76,24 +97,29 @@ class CheckingExecutor(DetailedExecutor):
             self._step = None
         row = self.rows[-1] if self.rows else None  # the row this rule step just added
         if row is not None and row[0] == s.node and \
-                not bool(_all_finite(list(_tensors(row[1:])))):
+                not all_finite(list(_tensors(row[1:]))):
             self._fail(s, "its ledger sums (relevance in, out or absorbed)")
 
 
-def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Executor) -> None:
-    """Raise :class:`~lrpplan.errors.NonFiniteError` if a result of ``ex`` (an executor that ran
-    ``plan`` on ``graph`` from ``seeds``) or one of its ledger sums is not finite.
+def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Executor,
+                 seed_error: str = "the explained output holds NaN or infinity") -> None:
+    """Raise :class:`~lrpplan.errors.NonFiniteError` if a seed (``seed_error``), a result of
+    ``ex`` (an executor that ran ``plan`` on ``graph`` from ``seeds``) or one of its ledger sums
+    is not finite.
 
-    The check is one reduction per result plus one over the ledger sums; only when it fails is
-    the plan re-run, with every deposit checked, to name the first node that produced a
-    non-finite value. ``seeds`` must be finite (the caller checks them).
+    The check is one reduction per tensor and a single host synchronisation (:func:`all_finite`);
+    only when it fails is the plan re-run, with every deposit checked, to name the first node
+    that produced a non-finite value.
     """
     book = ex.book()
-    parts = [r for r in book.results if r is not None] + [t for _, t in book.absorbed]
+    parts = list(seeds) + [r for r in book.results if r is not None]
+    parts += [t for _, t in book.absorbed]
     if book.rows is not None:
         parts += [t for row in book.rows for t in _tensors(row[1:3])]
-    if bool(_all_finite(parts)):
+    if all_finite(parts):
         return
+    if not all_finite(list(seeds)):
+        raise NonFiniteError(seed_error)
     CheckingExecutor(graph, plan).run(seeds)
     raise NonFiniteError(
         "the relevance (or a ledger sum) holds NaN or infinity though the explained output is "

@@ -323,9 +323,12 @@ def test_sdpa_relevance_is_the_same_in_chunks_of_one_head(monkeypatch):
         assert "ScaledDotProduct" in type(o.grad_fn).__name__  # the fused node, not a decomposition
         return lrpplan.attribute(o.sum(-1), (q, k, v), cache=False).relevance
 
-    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", {"cpu": 1 << 30})
     whole = run()
-    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 1)  # one head per chunk
-    chunked = run()
-    for a, b in zip(whole, chunked):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", {"cpu": 5 * 5 * 4})  # one sample a chunk
+    samples = run()
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", {"cpu": 1})  # one head per chunk
+    heads = run()
+    for chunked in (samples, heads):
+        for a, b in zip(whole, chunked):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

@@ -21,7 +21,8 @@ import math
 import torch
 
 from ..errors import LRPError
-from .base import Decision, NodeInfo, Rule, as_rel, register_op, register_rule, stable_div
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, eps_sign, register_op,
+                   register_rule, stable_div, stable_div_share)
 
 #: SDPA node type -> the name under which it saves its float / boolean mask (None: no mask)
 SDPA_MASKS = {
@@ -70,8 +71,8 @@ def _scores(q, k, mask, causal, scale, dtype):
             x = x + float_mask
     if causal:
         L, S = u.shape[-2], u.shape[-1]
-        keep = torch.ones(L, S, dtype=torch.bool, device=u.device).tril()
-        x = x.masked_fill(~keep, float("-inf"))
+        blocked = torch.ones(L, S, dtype=torch.bool, device=u.device).triu_(1)
+        x = x.masked_fill(blocked, float("-inf"))
     s = torch.softmax(x, -1)
     if mask is not None:
         # a row with every key masked attends to nothing: weights 0 (the kernels' output is 0
@@ -87,19 +88,30 @@ def attention_parts(a, dtype):
     return q, k, v, u, x, s, float_mask, groups, scale
 
 
-#: score elements per chunk: [L, S] work stays cache-sized at any batch size and head count
-_CHUNK_ELEMENTS = 1 << 22
+#: score elements per chunk of (sample, head) slices, by device: on a CPU the [L, S]
+#: temporaries stay cache-sized at any batch size and head count; on a GPU a chunk is as large
+#: as memory allows, since every chunk costs its ~40 kernel launches again
+_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+_DEFAULT_CHUNK = 1 << 27
 
 
-def _chunks(q, n_keys: int):
-    """Index tuples over q's leading dims (one sample, several heads at a time)."""
+def _chunks(q, n_keys: int) -> list[tuple]:
+    """Index tuples over q's leading dims: everything at once where it fits the budget, else
+    blocks of whole samples, else one sample and several heads at a time."""
     lead = q.shape[:-2]
+    budget = _CHUNK_ELEMENTS.get(q.device.type, _DEFAULT_CHUNK)
+    per_head = q.shape[-2] * n_keys
     if not lead:
         return [()]
-    per_head = q.shape[-2] * n_keys
     heads = lead[1] if len(lead) >= 2 else 1
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_head))
-    out = []
+    per_sample = heads * per_head
+    if lead[0] * per_sample <= budget:
+        return [()]
+    if per_sample <= budget:
+        step = budget // per_sample
+        return [(slice(i, min(lead[0], i + step)),) for i in range(0, lead[0], step)]
+    step = max(1, budget // max(1, per_head))
+    out: list[tuple] = []
     for i in range(lead[0]):
         if len(lead) == 1:
             out.append((slice(i, i + 1),))
@@ -152,27 +164,27 @@ class SDPARule(Rule):
         q, k, v, mask, causal, groups, scale = _operands(x, r.dtype)
         saved_o = x["output"]  # the real output (same dtype: no rounding)
         o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else None
-        full = [torch.zeros_like(t) if sent else None for t, sent in zip((q, k, v), send)]
-        absorbed = torch.zeros((), dtype=r.dtype, device=r.device)
-        # one sample and a few heads at a time: the [L, S] temporaries stay cache-sized
-        for idx in _chunks(q, k.shape[-2]):
-            *parts, part_absorbed = _attention_relevance(
-                q[idx], k[idx], v[idx], r[idx], None if o is None else o[idx],
-                _mask_part(mask, idx, q.dim()), causal, scale, p["epsilon"], send)
-            absorbed += part_absorbed
-            for dst, part in zip(full, parts):
-                if dst is not None:
-                    dst[idx] = part
+        chunks = _chunks(q, k.shape[-2])
+        if chunks == [()]:  # everything at once: no buffers to fill
+            *full, absorbed = _attention_relevance(q, k, v, r, o, mask, causal, scale,
+                                                   p["epsilon"], send)
+        else:
+            full = [torch.zeros_like(t) if sent else None for t, sent in zip((q, k, v), send)]
+            parts_absorbed = []
+            for idx in chunks:
+                *parts, part_absorbed = _attention_relevance(
+                    q[idx], k[idx], v[idx], r[idx], None if o is None else o[idx],
+                    _mask_part(mask, idx, q.dim()), causal, scale, p["epsilon"], send)
+                parts_absorbed.append(part_absorbed)
+                for dst, part in zip(full, parts):
+                    if dst is not None:
+                        dst[idx] = part
+            absorbed = torch.stack(parts_absorbed).sum()
         out = [None] * len(p["send"])
         out[0] = full[0]
         out[1] = None if full[1] is None else _fold_groups(full[1], groups)
         out[2] = None if full[2] is None else _fold_groups(full[2], groups)
         return out + [absorbed]
-
-
-def _sign_dot(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Σ sign(z)·t with sign(0) = +1 (the sign ``stabilize`` uses)."""
-    return torch.sign(z).add_(0.5).sign_().mul_(t).sum()
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -187,16 +199,16 @@ def _attention_relevance(q, k, v, r, o, mask, causal, scale, eps, send):
     u, x, s, float_mask = _scores(q, k, mask, causal, scale, r.dtype)
     if o is None:
         o = s @ v
-    # AV: uniform ε-rule; the ½ share is folded into r / o (exact: a power of two)
-    so = stable_div(r, o, eps)
-    absorbed = eps * _sign_dot(o, so)  # the ε share of the AV rule
+    # AV: uniform ε-rule, its ε share; the ½ share is folded into r / o (exact: a power of two)
+    so, av_share = stable_div_share(r, o, eps)
+    absorbed = [av_share]
     if send_v and (send_q or send_k):
         so = so.mul_(0.5)
     rq = rk = rv = None
     if send_v:
         rv = v * (s.transpose(-1, -2) @ so)
     if not (send_q or send_k):
-        return rq, rk, rv, absorbed
+        return rq, rk, rv, add_parts(absorbed, r)
     r_s = (so @ v.transpose(-1, -2)).mul_(s)
     # softmax rule on logits that are finite everywhere: where s = 0 (masked) r_s is 0, so
     # x ⊙ (r_s − s Σ r_s) is 0 there without a select pass
@@ -205,28 +217,28 @@ def _attention_relevance(q, k, v, r, o, mask, causal, scale, eps, send):
     r_sum = r_s.sum(-1, keepdim=True)
     # its Taylor residual: Σ_rows Σ r_s · (1 + Σ s x) − Σ x r_s
     x_mean = (s.unsqueeze(-2) @ x_fin.unsqueeze(-1)).reshape(r_sum.shape)
-    absorbed = absorbed + _dot(r_sum, x_mean.add_(1.0)) - _dot(x_fin, r_s)
+    absorbed += [_dot(r_sum, x_mean.add_(1.0)), -_dot(x_fin, r_s)]
     r_x = (r_s - s * r_sum).mul_(x_fin)
     del r_s
     if mask_fin is not None:  # z-rule on u + mask where the mask adds something finite
         adds = mask_fin != 0
         d = stable_div(r_x, x_fin, eps)
         # the mask's share and the ε share where the z-rule applies: Σ (mask + ε·sign(x)) d
-        mask_share = torch.sign(x_fin).add_(0.5).sign_().mul_(eps).add_(mask_fin)
-        absorbed = absorbed + _dot(mask_share.masked_fill_(~adds, 0.0), d)
+        mask_share = eps_sign(x_fin, eps).add_(mask_fin)
+        absorbed.append(_dot(mask_share.masked_fill_(~adds, 0.0), d))
         del mask_share
         r_u = torch.where(adds, u * d, r_x)
         del d
     else:
         r_u = r_x
-    su = stable_div(r_u, u, eps)
-    absorbed = absorbed + eps * _sign_dot(u, su)  # the ε share of the QKᵀ rule
-    share = 0.5 if (send_q and send_k) else 1.0
+    su, qk_share = stable_div_share(r_u, u, eps)  # and the ε share of the QKᵀ rule
+    absorbed.append(qk_share)
+    factor = scale * (0.5 if (send_q and send_k) else 1.0)
     if send_q:
-        rq = share * q * ((su @ k) * scale)
+        rq = (su @ k).mul_(q).mul_(factor)
     if send_k:
-        rk = share * k * ((su.transpose(-1, -2) @ q) * scale)
-    return rq, rk, rv, absorbed
+        rk = (su.transpose(-1, -2) @ q).mul_(k).mul_(factor)
+    return rq, rk, rv, torch.stack([t.reshape(()) for t in absorbed if t is not None]).sum()
 
 
 def _sdpa_forward(vals, a):

@@ -384,14 +384,27 @@ def own_output(x: Attrs) -> MaybeTensor:
     return x.get("out")
 
 
+#: (ε, dtype, device) -> ε as a 0-d tensor, made once (a scalar argument would cost a fill)
+_SCALARS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def scalar(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device, cached."""
+    key = (value, like.dtype, like.device)
+    t = _SCALARS.get(key)
+    if t is None:
+        t = _SCALARS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return t
+
+
 def eps_sign(z: Tensor, eps: float) -> Tensor:
-    """``ε·sign(z)`` with sign(+0) = +1 (Zennit's convention), in two element-wise passes.
+    """``ε·sign(z)`` with sign(+0) = +1 (Zennit's convention), in one element-wise pass.
 
     ``copysign`` gives a negative zero −ε; a matrix product or a sum never produces one (its
     accumulator starts at +0), so only an explicit ``-0.0`` in the data differs from Zennit's
     ``(z == 0) + sign(z)``, which gives it +ε.
     """
-    return torch.full_like(z, eps).copysign_(z)
+    return torch.copysign(scalar(eps, z), z)
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:

@@ -51,9 +51,12 @@ class CentredNorm(Rule):
 
     def decide(self, info: NodeInfo) -> Decision:
         send = (info.live_inputs[0],) + (False,) * (info.n_inputs - 1)
-        values = (2,) if info.node_type == "NativeGroupNormBackward0" and info.n_inputs > 2 \
-            and not info.none_inputs[2] else ()
-        return Decision(values=values, send=send)
+        if info.node_type == "NativeGroupNormBackward0":
+            values = (2,) if info.n_inputs > 2 and not info.none_inputs[2] else ()
+            return Decision(values=values, send=send)
+        # the output, where a consumer saved it (the next linear layer does), is the
+        # denominator: no recomputation
+        return Decision(values=(), send=send, params={"reuse_output": True})
 
     def run(self, rel, x, p):
         r = rel[0]
@@ -61,10 +64,14 @@ class CentredNorm(Rule):
             rx, absorbed = _group_norm_rel(x, r, p["epsilon"])
             return [rx, None, None][:len(p["send"])] + [absorbed]
         v, k, mean, scale, b = _layer_norm_parts(x, r.dtype)
-        y = (v - mean) * scale
-        if b is not None:
-            y = y + b
-        s, shares = stable_div_share(r, y, p["epsilon"], bias=b)
+        y = own_output(x)
+        nonneg = y is not None and p.get("output_nonneg", False)
+        if y is None or y.dtype != r.dtype:  # rounded (half precision): recomputed
+            y = (v - mean) * scale
+            if b is not None:
+                y = y + b
+            nonneg = False
+        s, shares = stable_div_share(r, y, p["epsilon"], nonneg, bias=b)
         c = scale * s
         dims = tuple(range(-k, 0))
         out = [None] * len(p["send"])
@@ -111,8 +118,9 @@ def _group_norm_forward(vals, a):
     return [y]
 
 
-def _bn_affine(a, op: str, dtype):
-    """Per-channel scale ``a`` and shift ``c`` with ``y = a·x + c`` (broadcast shape (1,C,1..))."""
+def _bn_affine(a, op: str, dtype, bias=None):
+    """Per-channel scale and shift with ``y = scale·x + shift`` (broadcast shape (1,C,1..));
+    ``bias``: the affine bias (None: none, or one autograd did not keep)."""
     x = a["input"]
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     training = bool(a.get("training", False))
@@ -127,7 +135,11 @@ def _bn_affine(a, op: str, dtype):
         invstd = torch.rsqrt(as_rel(a["running_var"], dtype) + eps)
     w = a["weight"]
     scale = invstd if w is None else invstd * as_rel(w, dtype)
-    return scale.reshape(shape), mean.reshape(shape), shape
+    if bias is None:
+        shift = (scale * mean).neg_()
+    else:
+        shift = torch.addcmul(as_rel(bias, dtype), scale, mean, value=-1.0)
+    return scale.reshape(shape), shift.reshape(shape)
 
 
 @register_rule
@@ -148,25 +160,20 @@ class AffineNorm(Rule):
     def run(self, rel, x, p):
         r = rel[0]
         v = as_rel(x["input"], r.dtype)
-        a, mean, shape = _bn_affine(x, p["node_type"], r.dtype)
+        bias = x.get(2)
+        a, shift = _bn_affine(x, p["node_type"], r.dtype, bias)
         ax = a * v
         y = own_output(x)  # the output where the graph holds it
-        bias = x.get(2)
         if y is not None and y.dtype != r.dtype and bias is not None:
             y = None  # rounded (half precision): recomputed in the relevance dtype
         nonneg = y is not None and p.get("output_nonneg", False)
-        shift = -a * mean  # y = a·x + shift
-        if bias is not None:
-            shift = shift + as_rel(bias, r.dtype).reshape(shape)
-        elif y is not None and not nonneg:
+        if bias is None and y is not None and not nonneg:
             # a bias autograd did not keep is in the given output: no own-terms form, so the
             # shift is read off the output at one position per channel (y − a·x there)
             first = (0, slice(None)) + (0,) * (v.dim() - 2)
-            shift = (as_rel(y[first], r.dtype) - ax[first]).reshape(shape)
+            shift = (as_rel(y[first], r.dtype) - ax[first]).reshape(shift.shape)
         if y is None:
-            y = ax - a * mean
-            if bias is not None:
-                y = y + as_rel(bias, r.dtype).reshape(shape)
+            y = ax + shift
         s, shares = stable_div_share(r, as_rel(y, r.dtype), p["epsilon"], nonneg, bias=shift)
         out = [None] * len(p["send"])
         out[0] = ax.mul_(s)
@@ -176,11 +183,8 @@ class AffineNorm(Rule):
 def _bn_forward(op: str):
     def forward(vals, a):
         x = a["input"]
-        scale, mean, shape = _bn_affine(a, op, x.dtype)
-        y = scale * (x - mean)
-        if len(vals) > 2 and vals[2] is not None:
-            y = y + vals[2].reshape(shape)
-        return [y]
+        scale, shift = _bn_affine(a, op, x.dtype, vals[2] if len(vals) > 2 else None)
+        return [torch.addcmul(shift, x, scale)]
     return forward
 
 

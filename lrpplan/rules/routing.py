@@ -495,10 +495,18 @@ def _max_pool(v, a):
                list(a["dilation"]), a["ceil_mode"])]
 
 
+_MAX_POOL_BACKWARD = {2: torch.ops.aten.max_pool2d_with_indices_backward,
+                      3: torch.ops.aten.max_pool3d_with_indices_backward}
+
+
 def _max_pool_vjp(rel, a):
     """Each output position's relevance to the input element its saved index names."""
     r, idx, x = rel[0], a["result1"], a["self"]
     nd = len(a["kernel_size"])
+    backward = _MAX_POOL_BACKWARD.get(nd)
+    if backward is not None and x.dtype == r.dtype:
+        return [backward(r, x, list(a["kernel_size"]), list(a["stride"]), list(a["padding"]),
+                         list(a["dilation"]), a["ceil_mode"], idx)]
     flat = r.new_zeros(x.shape[:-nd] + (x.shape[-nd:].numel(),))
     flat.scatter_add_(-1, idx.flatten(-nd), r.flatten(-nd))
     return [flat.reshape(x.shape)]
