@@ -12,12 +12,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .cache import PlanCache
+from .compiled import CompiledPlan
 from .config import RuleSet
 from .errors import InvalidInputError, LRPWarning, UnrecoverableValueError
 from .finite import check_finite
 from .fingerprint import fingerprint
 from .graph import Graph, capture
-from .ledger import Ledger
+from .ledger import Book, Ledger
 from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
 from .recording import ForwardRecording
@@ -71,11 +72,26 @@ class Attribution:
 
 
 class _PlanStore:
-    """In-memory plan + bound steps in front of the on-disk cache."""
+    """In-memory plan + bound steps (+ compiled replays) in front of the on-disk cache."""
 
-    def __init__(self, cache: Optional[PlanCache]) -> None:
+    def __init__(self, cache: Optional[PlanCache], compile: bool = False) -> None:
         self.cache = cache
         self.memory: dict[str, tuple[Plan, Program]] = {}
+        #: replay plans through torch.compile (lrpplan.compiled); per key
+        self.compile = compile
+        self.compiled: dict[str, CompiledPlan] = {}
+
+    def replay(self, graph: Graph, plan: Plan, program: Program, seeds: list,
+               executor: type[Executor]) -> Book:
+        """Run a stored plan: compiled where asked for and possible, else eagerly."""
+        if self.compile and executor is Executor:
+            compiled = self.compiled.get(plan.key)
+            if compiled is None:
+                compiled = self.compiled[plan.key] = CompiledPlan(plan, program)
+            book = compiled.run(graph, seeds)
+            if book is not None:
+                return book
+        return executor(graph, plan, program).run(seeds).book()
 
     def get(self, key: str, n_nodes: int) -> Optional[tuple[Plan, Program]]:
         hit = self.memory.get(key)
@@ -256,16 +272,16 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
     cached = hit is not None
     if hit is not None:
         plan, program = hit
-        ex = executor(graph, plan, program).run(seeds)
+        book = store.replay(graph, plan, program, seeds, executor)
     else:
         plan = compile_plan(graph, plan_targets, ruleset, key, module_of)
         program = bind(plan)
-        ex = TracingExecutor(graph, plan, program).run(seeds)
+        book = TracingExecutor(graph, plan, program).run(seeds).book()
         store.put(plan, program)
     # results per explained input
     out: list[Optional[torch.Tensor]] = [None] * len(ins)
     for k, t in enumerate(plan.targets):
-        r = ex.results[k]
+        r = book.results[k]
         if r is None:
             continue
         idx = t["index"]
@@ -275,8 +291,8 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
     for i, x in enumerate(ins):
         if out[i] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             out[i] = torch.zeros(x.shape, dtype=seeds[0].dtype, device=x.device)
-    check_finite(graph, plan, seeds, ex, seed_error)  # finite relevance, or the node that broke it
-    ledger = Ledger(seeds, ex.book(), graph.types)
+    check_finite(graph, plan, seeds, book, seed_error)  # finite, or the node that broke it
+    ledger = Ledger(seeds, book, graph.types)
     return out, ledger, cached, plan.key, plan
 
 
@@ -298,6 +314,24 @@ def _embedding_nodes_for(ids: torch.Tensor, graph: Graph) -> list[int]:
 class Explainer:
     """Repeated explanation of one model; the first call traces, later calls replay.
 
+    Parameters
+    ----------
+    model:
+        the model (a ``torch.compile``d one is explained through the module it wraps).
+    rules:
+        a preset name or a :class:`RuleSet` (default ``"epsilon"``).
+    cache:
+        a :class:`PlanCache`, a directory, ``None`` (default cache) or ``False`` (no disk cache).
+    ledger:
+        ``"totals"`` (default) or ``"nodes"`` (per-node rows on replays too; see
+        :func:`attribute`).
+    compile:
+        replay plans through ``torch.compile`` (:mod:`lrpplan.compiled`): one function per plan
+        whose element-wise chains fuse; the first replay of a plan compiles (seconds to minutes,
+        ``explainer.compile_seconds``), later ones run the compiled code. Falls back to the
+        eager replay with one :class:`LRPWarning` where compiling is impossible. Keeps the
+        ledger's totals (not with ``ledger="nodes"``).
+
     Examples
     --------
     >>> import torch, lrpplan
@@ -310,15 +344,23 @@ class Explainer:
     """
 
     def __init__(self, model: torch.nn.Module, rules: Any = None, cache: CacheArg = None,
-                 ledger: str = "totals") -> None:
+                 ledger: str = "totals", compile: bool = False) -> None:
         self.model = model
         self.rules = RuleSet.ensure(rules)
-        self._store = _PlanStore(PlanCache.ensure(cache))
         self._executor = _ledger_executor(ledger)
+        if compile and self._executor is not Executor:
+            raise InvalidInputError("compile=True replays with the ledger's totals; "
+                                    "ledger='nodes' needs the eager replay: choose one")
+        self._store = _PlanStore(PlanCache.ensure(cache), compile=bool(compile))
 
     def __call__(self, *args: Any, target: Target = None, **kwargs: Any) -> Attribution:
         return _explain(self.model, args, target, self.rules, self._store, kwargs,
                         self._executor)
+
+    @property
+    def compile_seconds(self) -> dict[str, list[float]]:
+        """Plan key -> the seconds each compiling replay took (``compile=True``)."""
+        return {key: list(c.compile_seconds) for key, c in self._store.compiled.items()}
 
 
 def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: Any = None,

@@ -601,7 +601,7 @@ def _cmd_explain_dataset(args: argparse.Namespace) -> int:
         summary = explain_dataset(model, data, target=args.target, rules=rules, out=args.out,
                                   batch_size=args.batch_size, device=args.device,
                                   cache=_cache(args.cache), num_workers=args.num_workers,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, compile=args.compile)
     if summary.rank == 0:
         print(f"{summary.new_samples} new samples ({summary.skipped_samples} already done), "
               f"{summary.samples_per_s:.1f} samples/s; index: {summary.index}")
@@ -727,6 +727,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (default: the DataLoader's, else 0)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar and no summary on stderr")
+    e.add_argument("--compile", action="store_true",
+                   help="replay the plan through torch.compile (the first replayed batch "
+                        "compiles: seconds to minutes; falls back to the eager replay with a "
+                        "warning where it cannot)")
     e.set_defaults(func=_cmd_explain_dataset)
     return p
 

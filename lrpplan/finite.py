@@ -16,7 +16,8 @@ import torch
 from .errors import NonFiniteError
 from .graph import Graph
 from .plan import Plan, Step
-from .replay import DetailedExecutor, Executor, RuleCall
+from .ledger import Book
+from .replay import DetailedExecutor, RuleCall
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -101,17 +102,16 @@ class CheckingExecutor(DetailedExecutor):
             self._fail(s, "its ledger sums (relevance in, out or absorbed)")
 
 
-def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], ex: Executor,
+def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], book: Book,
                  seed_error: str = "the explained output holds NaN or infinity") -> None:
-    """Raise :class:`~lrpplan.errors.NonFiniteError` if a seed (``seed_error``), a result of
-    ``ex`` (an executor that ran ``plan`` on ``graph`` from ``seeds``) or one of its ledger sums
+    """Raise :class:`~lrpplan.errors.NonFiniteError` if a seed (``seed_error``), a result in
+    ``book`` (what running ``plan`` on ``graph`` from ``seeds`` gave) or one of its ledger sums
     is not finite.
 
     The check is one reduction per tensor and a single host synchronisation (:func:`all_finite`);
     only when it fails is the plan re-run, with every deposit checked, to name the first node
     that produced a non-finite value.
     """
-    book = ex.book()
     parts = list(seeds) + [r for r in book.results if r is not None]
     parts += [t for _, t in book.absorbed]
     if book.rows is not None:

@@ -128,7 +128,8 @@ class _Runner:
 def explain_dataset(model: torch.nn.Module, data: DatasetLike, target: Any = None,
                     rules: Any = None, out: "str | os.PathLike[str]" = "lrpplan-dataset",
                     batch_size: Optional[int] = None, device: Any = None, cache: CacheArg = None,
-                    num_workers: Optional[int] = None, progress: bool = True) -> DatasetSummary:
+                    num_workers: Optional[int] = None, progress: bool = True,
+                    compile: bool = False) -> DatasetSummary:
     """Explain every sample of ``data`` and write the relevance to ``out`` as ``.npy`` shards.
 
     One :class:`~lrpplan.Explainer` traces the first batch and replays the compiled plan for all
@@ -170,6 +171,10 @@ def explain_dataset(model: torch.nn.Module, data: DatasetLike, target: Any = Non
     progress:
         show a progress bar (rank 0, only when stderr is a terminal) and print the summary to
         stderr (rank 0).
+    compile:
+        replay the plan through ``torch.compile`` (see :class:`~lrpplan.Explainer`): the first
+        replayed batch compiles, every later one runs the compiled code (the last, smaller batch
+        may compile once more, for dynamic shapes).
 
     Returns
     -------
@@ -197,14 +202,14 @@ def explain_dataset(model: torch.nn.Module, data: DatasetLike, target: Any = Non
         if device is not None and isinstance(model, torch.nn.Module):
             model.to(dev)
         return _run(model, src, n, ruleset, target_val, target_desc, Path(out), dev, cache,
-                    comm, progress, t_start)
+                    comm, progress, t_start, compile)
     finally:
         comm.close()
 
 
 def _run(model, src: Source, n: int, ruleset: RuleSet, target_val: Any, target_desc: Any,
          out: Path, dev: Optional[torch.device], cache: CacheArg, comm: Comm, progress: bool,
-         t_start: float) -> DatasetSummary:
+         t_start: float, compile: bool = False) -> DatasetSummary:
     from torch.utils.data import DataLoader
 
     from .. import __version__
@@ -215,7 +220,7 @@ def _run(model, src: Source, n: int, ruleset: RuleSet, target_val: Any, target_d
     run_key = xxhash.xxh3_128(json.dumps(config, sort_keys=True).encode()).hexdigest()
     store = ShardStore(out, run_key, config)
     specs = layout(n, src.batch_size)
-    explainer = Explainer(model, rules=ruleset, cache=cache)
+    explainer = Explainer(model, rules=ruleset, cache=cache, compile=compile)
     runner = _Runner(explainer, store, rank, target_val, dev, _Progress(False, 0, ""))
 
     # 1-2. verify this rank's share, then learn the state of every shard

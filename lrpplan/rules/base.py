@@ -415,7 +415,9 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
 
 
 def _in_place_ok(r: Tensor, d: Tensor) -> bool:
-    return d.shape == r.shape and d.dtype == torch.result_type(r, d) \
+    """``r / d`` may be written into ``d`` (a temporary): same shape and dtype, no autograd,
+    and not inside ``torch.compile`` (which plans its own buffers)."""
+    return d.shape == r.shape and d.dtype == r.dtype and not torch.compiler.is_compiling() \
         and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad))
 
 
