@@ -1,4 +1,4 @@
-"""Replay at the cost of a gradient? Ratios for real architectures (issue 5).
+"""Replay at the cost of a gradient? Ratios for real architectures (issues 5 and 14).
 
 For each model and batch size, in one process, interleaved (one run of every mode per round,
 ``--reps`` rounds after one warm-up round), the median wall time of:
@@ -12,7 +12,18 @@ For each model and batch size, in one process, interleaved (one run of every mod
 ``zennit-egb`` / ``zennit-epf``  Zennit's EpsilonGammaBox / EpsilonPlusFlat attributors
                   (VGG16, ResNet-50; with Zennit's canonizer), where Zennit is installed;
 ``replay-egb`` / ``replay-epf``  lrpplan's replay with the matching presets, for a like-for-like
-                  comparison with Zennit.
+                  comparison with Zennit;
+``replay-compiled``  with ``--compiled``: an ``Explainer(compile=True)`` from its third call on
+                  (the first traces, the second compiles; the compile time is reported apart).
+
+``--kernels`` counts instead of timing, at batch 1: the kernel-launching ATen ops of the
+gradient's backward (the forward's counted apart and subtracted) and of a replayed explanation
+(its whole call, forward subtracted), with ``benchmarks/kernel_count.py``'s counter. GPT-2 explains
+16 tokens there, as in issue 14's table.
+
+``--tiny`` times the tiny-input regime, one thread, where per-step Python overhead dominates as
+kernel launches do on a GPU: ResNet-50 and ViT-B/16 at 32×32, GPT-2 at 4 tokens; gradient,
+eager replay and compiled replay.
 
 Peak memory is measured in a separate process (one untimed call per mode after a warm-up
 call): on CPU the peak of the resident set size above the level before the call, sampled every
@@ -29,6 +40,9 @@ Usage::
     python benchmarks/performance.py                      # every model, CPU batch 1 and 8
     python benchmarks/performance.py --models gpt2,bert --batches 1 --reps 3
     python benchmarks/performance.py --device cuda        # batch 1 and 32
+    python benchmarks/performance.py --kernels            # kernels per replay vs per backward
+    python benchmarks/performance.py --tiny               # 1 thread, tiny inputs, + compiled
+    python benchmarks/performance.py --models resnet50 --batches 1 --compiled
 
 Needs torchvision and transformers (the ``zoo`` extra); Zennit (``compare`` extra) is optional.
 Writes ``benchmarks/results/performance.json`` and prints a table of ratios.
@@ -87,6 +101,10 @@ def _image(model: nn.Module, batch: int, size: int = 224) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
 
 
+def _small_image(model: nn.Module, batch: int) -> torch.Tensor:
+    return _image(model, batch, size=32)
+
+
 def _tokens(seq: int) -> Callable[[nn.Module, int], torch.Tensor]:
     def make(model: nn.Module, batch: int) -> torch.Tensor:
         inner = model.model
@@ -97,11 +115,15 @@ def _tokens(seq: int) -> Callable[[nn.Module, int], torch.Tensor]:
     return make
 
 
-def _torchvision(name: str) -> Callable[[], nn.Module]:
+def _torchvision(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import torchvision
         torch.manual_seed(0)
-        return getattr(torchvision.models, name)(weights=None).eval()
+        model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+        head = getattr(getattr(model, "heads", None), "head", None)
+        if head is not None:  # torchvision's ViT starts with a zero head: every logit 0
+            nn.init.normal_(head.weight, std=0.02)
+        return model
     return build
 
 
@@ -138,6 +160,22 @@ CASES: dict[str, Case] = {
 
 INPUT_DESC = {"resnet50": "3x224x224", "vgg16": "3x224x224", "vit_b_16": "3x224x224",
               "gpt2": "128 tokens", "bert": "128 tokens", "llama": "512 tokens"}
+
+#: the models of issue 14's kernel table (GPT-2 at 16 tokens)
+KERNEL_CASES: dict[str, Case] = {
+    "resnet50": CASES["resnet50"], "vit_b_16": CASES["vit_b_16"],
+    "gpt2": Case("gpt2", _transformers("gpt2"), _tokens(16)), "vgg16": CASES["vgg16"],
+}
+KERNEL_DESC = {"resnet50": "3x224x224", "vit_b_16": "3x224x224", "gpt2": "16 tokens",
+               "vgg16": "3x224x224"}
+
+#: the tiny-input regime: per-step overhead dominates, as launches do on a GPU
+TINY_CASES: dict[str, Case] = {
+    "resnet50": Case("resnet50", _torchvision("resnet50"), _small_image),
+    "vit_b_16": Case("vit_b_16", _torchvision("vit_b_16", image_size=32), _small_image),
+    "gpt2": Case("gpt2", _transformers("gpt2"), _tokens(4)),
+}
+TINY_DESC = {"resnet50": "3x32x32", "vit_b_16": "3x32x32", "gpt2": "4 tokens"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,9 +238,10 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
     return (peak[0] - base) / 2**20
 
 
-def modes_for(case: Case, model: nn.Module, x: torch.Tensor, with_zennit: bool
-              ) -> dict[str, Callable[[], Any]]:
-    """The measured callables of one model and input, by mode name."""
+def modes_for(case: Case, model: nn.Module, x: torch.Tensor, with_zennit: bool,
+              compiled: bool = False, traced: bool = True) -> dict[str, Callable[[], Any]]:
+    """The measured callables of one model and input, by mode name (``compiled``: also the
+    compiled replay; ``traced``: also the traced run and the fingerprint walk)."""
     rules_cfg = lrpplan.RuleSet.preset("epsilon").config()
 
     def forward() -> None:
@@ -233,13 +272,34 @@ def modes_for(case: Case, model: nn.Module, x: torch.Tensor, with_zennit: bool
             fingerprint(graph, [[list(graph.edge_of(h)), "tensor", 0]], rules_cfg)
             return (time.perf_counter() - t0) * 1e3
 
-    modes: dict[str, Callable[[], Any]] = {
-        "forward": forward, "gradient": gradient, "trace": trace, "replay": replay,
-        "fingerprint": fingerprint_walk,
-    }
+    modes: dict[str, Callable[[], Any]] = {"forward": forward, "gradient": gradient}
+    if traced:
+        modes.update({"trace": trace, "replay": replay, "fingerprint": fingerprint_walk})
+    else:
+        modes["replay"] = replay
+    if compiled:
+        modes["replay-compiled"] = _compiled_mode(model, x)
     if case.zennit_canonizer and with_zennit:
         modes.update(_zennit_modes(case, model, x))
     return modes
+
+
+#: seconds the compiled replays' compiles took, by model (reported apart from the timings)
+COMPILE_SECONDS: dict[str, list[float]] = {}
+
+
+def _compiled_mode(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    """An ``Explainer(compile=True)`` past its trace and its compile."""
+    explainer = lrpplan.Explainer(model, cache=False, compile=True)
+    explainer(x)  # traces
+    t0 = time.perf_counter()
+    if not explainer(x).cached:  # compiles
+        raise RuntimeError("the compiled explainer did not replay")
+    COMPILE_SECONDS[type(model).__name__] = [time.perf_counter() - t0]
+
+    def replay_compiled() -> None:
+        assert explainer(x).cached
+    return replay_compiled
 
 
 def _zennit_modes(case: Case, model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -277,10 +337,11 @@ def _zennit_modes(case: Case, model: nn.Module, x: torch.Tensor) -> dict[str, Ca
 
 
 def bench(case: Case, batch: int, reps: int, device: torch.device, with_zennit: bool,
-          memory: bool) -> dict:
+          memory: bool, compiled: bool = False, traced: bool = True,
+          input_desc: Optional[str] = None) -> dict:
     model = case.build().to(device)
     x = case.make_input(model, batch).to(device)
-    modes = modes_for(case, model, x, with_zennit)
+    modes = modes_for(case, model, x, with_zennit, compiled, traced)
     clock = _Clock(device)
     times: dict[str, list[float]] = {m: [] for m in modes}
     for rnd in range(reps + 1):  # round 0 warms up
@@ -292,8 +353,11 @@ def bench(case: Case, batch: int, reps: int, device: torch.device, with_zennit: 
                 t = clock.time(fn)
             if rnd:
                 times[name].append(t)
-    row: dict[str, Any] = {"model": case.name, "input": INPUT_DESC[case.name], "batch": batch,
-                           "device": device.type, "reps": reps}
+    row: dict[str, Any] = {"model": case.name, "input": input_desc or INPUT_DESC[case.name],
+                           "batch": batch, "device": device.type, "reps": reps,
+                           "threads": torch.get_num_threads()}
+    if compiled:
+        row["compile_s"] = COMPILE_SECONDS.get(type(model).__name__)
     explanation = lrpplan.explain(model, x, cache=False)
     row["nodes"] = explanation.plan.stats["nodes"]
     row["promises"] = explanation.plan.stats["promises"]
@@ -342,8 +406,9 @@ def memory_worker(name: str, batch: int, device: torch.device) -> dict[str, floa
 def ratios(row: dict) -> dict[str, float]:
     ms, base = row["ms"], row["ms"]["gradient"]
     out = {f"{m}/gradient": v / base for m, v in ms.items() if m not in ("gradient",)}
-    out["trace/replay"] = ms["trace"] / ms["replay"]
-    out["fingerprint/replay"] = ms["fingerprint"] / ms["replay"]
+    if "trace" in ms:
+        out["trace/replay"] = ms["trace"] / ms["replay"]
+        out["fingerprint/replay"] = ms["fingerprint"] / ms["replay"]
     for short in ("egb", "epf"):
         if f"zennit-{short}" in ms:
             out[f"zennit-{short}/replay-{short}"] = ms[f"zennit-{short}"] / ms[f"replay-{short}"]
@@ -353,21 +418,84 @@ def ratios(row: dict) -> dict[str, float]:
     return out
 
 
+def kernel_row(case: Case, desc: str) -> dict:
+    """Kernel-launching ops (``benchmarks/kernel_count.py``) of the gradient's backward and of a
+    replayed explanation, at batch 1, each with its forward's ops subtracted."""
+    from kernel_count import count_dispatched
+
+    model = case.build()
+    x = case.make_input(model, 1)
+
+    def forward() -> None:
+        with torch.enable_grad():
+            _score(model(x.detach().requires_grad_(True)))
+
+    def gradient() -> None:
+        with torch.enable_grad():
+            h = x.detach().requires_grad_(True)
+            torch.autograd.grad(_score(model(h)), h)
+
+    explainer = lrpplan.Explainer(model, cache=False)
+    # traced under the counter too: a dispatch mode can change which kernels a forward picks
+    # (and so the graph), and the counted replay must replay the plan of that graph
+    count_dispatched(lambda: explainer(x))
+
+    def replay() -> None:
+        assert explainer(x).cached
+
+    fwd, grad, rep = (count_dispatched(f) for f in (forward, gradient, replay))
+    n_fwd = sum(fwd.values())
+    top = rep.copy()
+    top.subtract(fwd)
+    return {"model": case.name, "input": desc, "backward": sum(grad.values()) - n_fwd,
+            "replay": sum(rep.values()) - n_fwd,
+            "top": [[op, n] for op, n in top.most_common(8) if n > 0]}
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """Markdown: kernels per gradient backward and per replay, their ratio, the top ops."""
+    lines = ["| model | input | gradient backward | replay | ratio | replay's most frequent ops |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        top = ", ".join(f"{op} {n}" for op, n in r["top"][:6])
+        lines.append(f"| {r['model']} | {r['input']} | {r['backward']} | {r['replay']} | "
+                     f"{r['replay'] / r['backward']:.2f}x | {top} |")
+    return "\n".join(lines)
+
+
+def tiny_table(rows: list[dict]) -> str:
+    """Markdown: the tiny-input regime, gradient vs eager and compiled replay."""
+    lines = ["| model | input | threads | gradient | replay (eager) | replay (compiled) "
+             "| compile |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms, q = r["ms"], ratios(r)
+        comp = (f"{ms['replay-compiled']:.1f} ms ({q['replay-compiled/gradient']:.2f}x)"
+                if "replay-compiled" in ms else "—")
+        secs = r.get("compile_s") or []
+        lines.append(f"| {r['model']} | {r['input']} | {r['threads']} | {ms['gradient']:.1f} ms "
+                     f"| {ms['replay']:.1f} ms ({q['replay/gradient']:.2f}x) | {comp} "
+                     f"| {' + '.join(f'{t:.0f} s' for t in secs) or '—'} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """A Markdown table of the rows (the README shows this)."""
-    head = ("| model | batch | nodes | gradient | replay | trace | trace/replay | fingerprint "
-            "| peak mem replay/grad | Zennit EGB / replay | Zennit EGB / lrpplan EGB "
-            "| Zennit EPF / lrpplan EPF |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model | batch | nodes | gradient | replay | replay compiled | trace "
+            "| trace/replay | fingerprint | peak mem replay/grad | Zennit EGB / replay "
+            "| Zennit EGB / lrpplan EGB | Zennit EPF / lrpplan EPF |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         q, ms = ratios(r), r["ms"]
 
         def cell(key: str, fmt: str = "{:.2f}x") -> str:
             return fmt.format(q[key]) if key in q else "—"
 
+        compiled = (f"{ms['replay-compiled']:.0f} ms ({q['replay-compiled/gradient']:.2f}x)"
+                    if "replay-compiled" in ms else "—")
         lines.append(
             f"| {r['model']} ({r['input']}) | {r['batch']} | {r['nodes']} "
             f"| {ms['gradient']:.0f} ms | {ms['replay']:.0f} ms ({q['replay/gradient']:.2f}x) "
+            f"| {compiled} "
             f"| {ms['trace']:.0f} ms ({q['trace/gradient']:.2f}x) | {q['trace/replay']:.2f} "
             f"| {100 * q['fingerprint/replay']:.1f} % | {cell('memory replay/gradient')} "
             f"| {cell('zennit-egb/replay')} | {cell('zennit-egb/replay-egb')} "
@@ -401,6 +529,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--table", nargs="+", type=Path, metavar="JSON",
                     help="print the Markdown table of earlier result files and exit")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time the compiled replay (Explainer(compile=True))")
+    ap.add_argument("--kernels", action="store_true",
+                    help="count kernels per replay vs per gradient backward instead of timing")
+    ap.add_argument("--tiny", action="store_true",
+                    help="time the tiny-input regime (1 thread; eager and compiled replay)")
     args = ap.parse_args(argv)
     if args.table:
         docs = [json.loads(f.read_text()) for f in args.table]
@@ -408,8 +542,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             e = d["env"]
             print(f"<!-- {e['machine']}, {e['threads']} threads, torch {e['torch']}"
                   + (f", {e['card']}" if e.get("card") else "") + " -->")
-        print(table([r for d in docs for r in d["rows"]]))
+            kind = d.get("kind", "timing")
+            print({"kernels": kernel_table, "tiny": tiny_table}.get(kind, table)(d["rows"]))
         return
+    if args.tiny:
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -423,12 +560,32 @@ def main(argv: Optional[list[str]] = None) -> None:
            "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print(f"torch {env['torch']}, {env['machine']}, {env['threads']} threads"
           + (f", {env['card']}" if env["card"] else ""), flush=True)
-    rows = []
+    rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    if args.kernels or args.tiny:
+        kind = "kernels" if args.kernels else "tiny"
+        cases = KERNEL_CASES if args.kernels else TINY_CASES
+        names = [n for n in names if n in cases] or list(cases)
+        out = args.out.with_name(f"performance-{kind}.json") if args.out == RESULTS else args.out
+        for name in names:
+            if args.kernels:
+                row = kernel_row(cases[name], KERNEL_DESC[name])
+            else:
+                row = bench(cases[name], 1, args.reps, device, False, False, compiled=True,
+                            traced=False, input_desc=TINY_DESC[name])
+            rows.append(row)
+            print(json.dumps(row if args.kernels else {"model": name, "ms": row["ms"],
+                                                       "compile_s": row.get("compile_s")}),
+                  flush=True)
+            out.write_text(json.dumps({"env": env, "kind": kind, "rows": rows}, indent=2) + "\n")
+        print((kernel_table if args.kernels else tiny_table)(rows))
+        print(f"written: {out}")
+        return
+    for name in names:
         for batch in batches:
             row = bench(CASES[name], batch, args.reps, device, not args.no_zennit,
-                        not args.no_memory)
+                        not args.no_memory, compiled=args.compiled)
             rows.append(row)
             print(json.dumps({"model": name, "batch": batch, "ms": row["ms"],
                               "peak_mib": row.get("peak_mib"),

@@ -62,7 +62,7 @@ def node_record(node: Any, node_type: str, edges: Sequence[Edge | None],
     spec = spec_for(node, node_type)
     attrs: list = []
     if spec is not None:
-        attrs.append(_plain(sorted(spec.static(node).items())))
+        attrs.append(sorted(spec.static(node).items()))  # plain data already
         if spec.broadcasts:
             if nodes is None:
                 raise ValueError(f"node_record of {node_type} needs the graph's nodes")

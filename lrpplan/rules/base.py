@@ -43,12 +43,20 @@ def signed(v: Any) -> Any:
     return v
 
 
+_UNSIGNED = 1 << 63
+
+
 def plain(v: Any) -> Any:
     """A non-tensor saved attribute as plain data that survives a msgpack round trip: sizes and
     tuples become lists of ints, negative ints read back signed."""
-    if isinstance(v, (tuple, list, torch.Size)):
+    kind = type(v)
+    if kind is int:  # the common case first: the plan key reads every node's attributes
+        return v - (1 << 64) if v >= _UNSIGNED else v
+    if kind is bool or kind is float or kind is str or v is None:
+        return v
+    if kind is tuple or kind is list or kind is torch.Size:
         return [plain(x) for x in v]
-    if isinstance(v, torch.dtype):
+    if kind is torch.dtype:
         return str(v)
     if isinstance(v, torch.Tensor):
         raise TypeError("a tensor is no static attribute")
@@ -456,7 +464,7 @@ def stable_div_share(r: Tensor, z: Tensor, eps: float, nonneg: bool = False,
     e = eps_sign(z, eps)
     d = e + z
     s = torch.div(r, d, out=d) if _in_place_ok(r, d) else r / d
-    if bias is not None and torch.broadcast_shapes(bias.shape, e.shape) == e.shape:
+    if bias is not None and expands_to(bias.shape, e.shape):
         e.add_(bias)
         bias = None
     share = _dot(e, s) if e.shape == s.shape and e.dtype == s.dtype else (e * s).sum()
@@ -465,6 +473,13 @@ def stable_div_share(r: Tensor, z: Tensor, eps: float, nonneg: bool = False,
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def expands_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """A tensor of ``shape`` broadcasts to ``target`` without growing it."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def dot_sum(a: Tensor, b: Tensor) -> Tensor:
