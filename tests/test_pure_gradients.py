@@ -148,6 +148,10 @@ CATALOGUE: dict[str, Callable[[], torch.Tensor]] = {
                                                  mode="max"),
     "embedding_bag_mean": lambda: F.embedding_bag(_idx(0, 3, 2, 1, 4, 4).view(2, 3), _x(5, 3),
                                                   mode="mean", padding_idx=4),
+    "pack_padded": lambda: torch.nn.utils.rnn.pack_padded_sequence(
+        _x(3, 6, 2), _idx(5, 3, 2), batch_first=True).data,
+    "pack_padded_time_major": lambda: torch.nn.utils.rnn.pack_padded_sequence(
+        _x(6, 3, 2), _idx(4, 4, 1)).data,
 }
 
 

@@ -489,3 +489,77 @@ def test_zoo_token_models(factory):
         assert math.isclose(attr.ledger.start, attr.ledger.at_inputs + attr.ledger.absorbed,
                             rel_tol=1e-4, abs_tol=1e-6)
     T.assert_replay_matches_trace(model, ids, replay_inputs=(torch.randint(0, 40, (3, 7)),))
+
+
+# ---------------------------------------------------------------------------------------------
+# packed sequences (pack_padded_sequence): PackPaddedSequenceBackward0 routes relevance back to
+# the real positions; the cells run decomposed on CPU in every dtype
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packing_alone_is_gradient_times_input(batch_first):
+    """LRP-0 through pack → a linear read-out equals gradient × input; padding gets 0."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 6, 2) if batch_first else (6, 3, 2)
+    x = torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_(True)
+    lengths = torch.tensor([6, 4, 1])
+    w = torch.randn(2, 5, dtype=torch.float64, generator=g)
+    out = pack_padded_sequence(x, lengths, batch_first=batch_first).data @ w
+    seed = (out * torch.randn(out.shape, dtype=torch.float64, generator=g)).detach()
+    attr = lrpplan.attribute(out, x, seed=seed, rules=rules_with(0.0), cache=False)
+    grad, = torch.autograd.grad(out, x, seed / out.detach())
+    torch.testing.assert_close(attr.relevance, grad * x.detach(), rtol=1e-12, atol=1e-14)
+    padded = torch.arange(6)[None, :] >= lengths[:, None]  # [B, T]
+    rel = attr.relevance if batch_first else attr.relevance.transpose(0, 1)
+    assert torch.equal(rel[padded], torch.zeros_like(rel[padded]))
+    assert attr.ledger.closes() and attr.ledger.leaks() == []
+
+
+class PackedLSTM(nn.Module):
+    """A 2-layer bidirectional LSTM over a packed, padded batch; the last hidden states."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, bias=bias)
+        self.head = nn.Linear(8, 3, bias=bias)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence
+        _, (h, _) = self.lstm(pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False))
+        return self.head(torch.cat([h[-2], h[-1]], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_packed_lstm_replay_padding_and_conservation(dtype):
+    torch.manual_seed(0)
+    model = PackedLSTM(bias=False).to(dtype).eval()
+    lengths = torch.tensor([2, 5, 3])
+    x = torch.randn(3, 5, 3, dtype=dtype)
+    ex = lrpplan.Explainer(model, rules=rules_with(1e-12), cache=False, ledger="nodes")
+    first, again = ex(x, lengths=lengths), ex(x, lengths=lengths)
+    assert not first.cached and again.cached
+    assert rel_err(again.relevance, first.relevance) <= (1e-10 if dtype == torch.float64
+                                                         else 1e-5)
+    padded = torch.arange(5)[None, :] >= lengths[:, None]
+    assert torch.equal(first.relevance[padded], torch.zeros_like(first.relevance[padded]))
+    for attr in (first, again):
+        assert torch.isfinite(attr.relevance).all()
+        assert attr.ledger.leaks() == [] and attr.ledger.closes()
+    if dtype == torch.float64:  # bias-free, ε negligible: everything reaches the inputs
+        assert first.ledger.at_inputs / first.ledger.start >= 0.999
+    # the lengths' pattern is structure (the cells of the longer sequences run on after the
+    # shorter ones end: batch sizes per step): other data with the lengths permuted replays the
+    # plan, other lengths make another graph and another plan; each equals a fresh trace
+    for lengths2, replays in ((torch.tensor([3, 2, 5]), True), (torch.tensor([4, 1, 5, 2]),
+                                                                 False)):
+        x2 = torch.randn(len(lengths2), 5, 3, dtype=dtype)
+        replayed = ex(x2, lengths=lengths2)
+        traced = lrpplan.explain(model, x2, lengths=lengths2, rules=rules_with(1e-12),
+                                 cache=False)
+        assert replayed.cached == replays
+        assert rel_err(replayed.relevance, traced.relevance) <= (
+            1e-10 if dtype == torch.float64 else 1e-5)
+    report = lrpplan.coverage(model, x, lengths=lengths)
+    assert report.error == "" and report.covered_nodes == report.nodes, report.format()

@@ -13,6 +13,11 @@ Fused kernels (``MkldnnRnnLayerBackward0``: a float32 ``nn.LSTM`` layer directio
 rule ``rnn`` (:class:`RecurrentLayerRule`): the recurrence re-run from the node's saved tensors,
 relevance sent back through ATen's decomposed cell with the same rules, so a fused layer
 explains like the decomposed one. ``CudnnRnnBackward0`` is not registered (untested here).
+
+Packed sequences (``pack_padded_sequence``) run the decomposed cells on CPU, also in float32; the
+packing itself (``PackPaddedSequenceBackward0``) is a routing op: the packed data is the padded
+input's real positions in time-major order, so relevance goes back to them and the padding gets
+none. (``pad_packed_sequence`` writes into a zero tensor: ``CopySlices``.)
 """
 from __future__ import annotations
 
@@ -40,6 +45,33 @@ register_op("UnsafeSplitWithSizesBackward0", "route", attrs=("dim",),
             vjp=_join_vjp(False),
             forward=lambda v, a: list(torch.unsafe_split_with_sizes(
                 v[0], list(a["split_sizes"]), a["dim"])))
+def _packed_positions(a) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The real positions of a padded batch, time-major ``[T, B]`` (``T`` the padded length),
+    in the packed order, from the saved batch sizes; and the time-major shape."""
+    sizes = tuple(a["input_sym_sizes"])
+    batch, steps = (sizes[0], sizes[1]) if a["batch_first"] else (sizes[1], sizes[0])
+    batch_sizes = a["result1"]
+    real = torch.arange(batch)[None, :] < batch_sizes[:, None]  # [T_packed, B]
+    if real.shape[0] < steps:
+        real = torch.cat([real, real.new_zeros((steps - real.shape[0], batch))])
+    return real, (steps, batch) + sizes[2:]
+
+
+def _pack_forward(v, a):
+    real, _ = _packed_positions(a)
+    x = v[0].transpose(0, 1) if a["batch_first"] else v[0]
+    return [x[real.to(x.device)], a["result1"]]
+
+
+def _pack_vjp(rel, a):
+    real, shape = _packed_positions(a)
+    r = rel[0]
+    g = r.new_zeros(shape).index_put((real.to(r.device),), r)
+    return [g.transpose(0, 1) if a["batch_first"] else g]
+
+
+register_op("PackPaddedSequenceBackward0", "route", attrs=("batch_first",),
+            reads=("input_sym_sizes", "result1"), forward=_pack_forward, vjp=_pack_vjp)
 # ``x.transpose_(d0, d1)``: the in-place transpose; its forward replay is the out-of-place one
 register_op("TransposeBackward1", "route", attrs=("dim0", "dim1"),
             forward=lambda v, a: [v[0].transpose(a["dim0"], a["dim1"])],
