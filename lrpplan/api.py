@@ -18,7 +18,8 @@ from .errors import InvalidInputError, LRPWarning, UnrecoverableValueError
 from .finite import check_finite
 from .fingerprint import fingerprint
 from .graph import Graph, capture
-from .ledger import Book, Ledger
+from .ledger import Book, Ledger, combined_ledger
+from .many import replay_many
 from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
 from .recording import ForwardRecording
@@ -51,6 +52,8 @@ class Attribution:
         fingerprint of the plan (xxh3-128 hex).
     plan:
         the plan that was traced or replayed.
+    ledgers:
+        one ledger per target (several targets per sample: ``ledger`` is their sum).
     """
 
     relevance: Any
@@ -60,6 +63,7 @@ class Attribution:
     cached: bool
     plan_key: str
     plan: Plan = field(repr=False)
+    ledgers: tuple = field(default=(), repr=False)
 
     @property
     def assumptions(self) -> tuple[str, ...]:
@@ -149,6 +153,16 @@ def _ledger_executor(ledger: str) -> type[Executor]:
                                 "or 'nodes' (also one row per node)") from None
 
 
+def _chunk(chunk: Any) -> Optional[int]:
+    """``chunk=``: None (every target at once) or a positive int of targets per replay."""
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InvalidInputError(f"chunk={chunk!r}: pass None (all targets in one replay) or a "
+                                "positive number of targets per replay")
+    return chunk
+
+
 def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
               cache: CacheArg = None, ledger: str = "totals") -> Attribution:
     """Propagate relevance from ``output`` back to ``inputs`` through the autograd graph.
@@ -180,16 +194,28 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
     ins, single = _as_list(inputs)
     targets = [{"kind": "tensor", "input": k} for k in range(len(ins))]
     result = _attribute(outputs, seed, rules, cache, ins, targets,
-                        executor=_ledger_executor(ledger))
+                        options=_Options(_ledger_executor(ledger)))
     rel = result[0]
-    return Attribution(rel[0] if single else tuple(rel), output, None, *result[1:])
+    return Attribution(rel[0] if single else tuple(rel), output, None, *result[1:4], result[4],
+                       tuple(result[5]))
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How an explanation runs: the replay's executor (the ledger's detail), and for several
+    targets per sample (``[B, K]`` scores) how many travel together (``chunk``)."""
+
+    executor: type[Executor] = Executor
+    chunk: Optional[int] = None
 
 
 def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                targets: list[dict], token_inputs: Sequence[int] = (),
                recorder: Optional[ModuleRecorder] = None,
                recording: Optional[ForwardRecording] = None,
-               executor: type[Executor] = Executor):
+               options: _Options = _Options(), columns: bool = False):
+    """Explain ``outputs`` (``columns``: one ``[B, K]`` output whose K columns are K targets,
+    each explained alone, all in one replay)."""
     for o in outputs:
         if isinstance(o, torch.Tensor) and o.grad_fn is None and (
                 o.is_inference() or torch.is_inference_mode_enabled()):
@@ -214,6 +240,11 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                                         f"{tuple(o.shape)}")
             seeds.append(s.detach().to(_relevance_dtype(o)))
         seed_error = "seed holds NaN or infinity"
+    seed_sets = [seeds]
+    if columns:  # one seed per target: the output with every other column zero
+        (s,) = seeds
+        seed_sets = [[s * (torch.arange(s.shape[1], device=s.device) == k).to(s.dtype)]
+                     for k in range(s.shape[1])]
     ruleset = RuleSet.ensure(rules)
     roots = []
     for o in outputs:
@@ -241,9 +272,9 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                       ruleset.config(), extra=matched)
     store = _store_for(cache)
     with torch.no_grad(), _no_autocast():
-        result = _run(graph, key, store, seeds, plan_targets, ruleset, ins, module_of, executor,
-                      seed_error)
-    plan = result[-1]
+        result = _run(graph, key, store, seed_sets, plan_targets, ruleset, ins, module_of,
+                      options, seed_error, columns)
+    plan = result[4]
     lost = plan.stats.get("constants_taken_as_zero", 0)
     if lost:
         _warn_once(("constants", plan.key), (
@@ -264,21 +295,42 @@ def _no_autocast() -> contextlib.ExitStack:
     return stack
 
 
-def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: list,
-         ruleset: RuleSet, ins: list, module_of: dict[int, str],
-         executor: type[Executor] = Executor,
-         seed_error: str = "the explained output holds NaN or infinity"):
+def _run(graph: Graph, key: str, store: _PlanStore, seed_sets: list[list[torch.Tensor]],
+         plan_targets: list, ruleset: RuleSet, ins: list, module_of: dict[int, str],
+         options: _Options = _Options(),
+         seed_error: str = "the explained output holds NaN or infinity", columns: bool = False):
+    """Run (or trace and store) the plan for each seed set; relevance per explained input
+    (``columns``: ``[B, K, ...]``, one map per target), the ledger, and the plan."""
     hit = store.get(key, len(graph))
     cached = hit is not None
     if hit is not None:
         plan, program = hit
-        book = store.replay(graph, plan, program, seeds, executor)
+        if len(seed_sets) == 1:
+            books = [store.replay(graph, plan, program, seed_sets[0], options.executor)]
+        else:
+            books = replay_many(graph, plan, program, seed_sets, options.chunk)
     else:
         plan = compile_plan(graph, plan_targets, ruleset, key, module_of)
         program = bind(plan)
-        book = TracingExecutor(graph, plan, program).run(seeds).book()
+        books = [TracingExecutor(graph, plan, program).run(seed_sets[0]).book()]
         store.put(plan, program)
-    # results per explained input
+        if len(seed_sets) > 1:  # the first target traced (and checked), the others together
+            books += replay_many(graph, plan, program, seed_sets[1:], options.chunk)
+    # one synchronisation for every target: finite, or the node that broke it
+    check_finite(graph, plan, seed_sets, books, seed_error)
+    per_target = [_relevance_per_input(plan, book, ins, seeds[0].dtype)
+                  for book, seeds in zip(books, seed_sets)]
+    ledgers = [Ledger(seeds, book, graph.types) for seeds, book in zip(seed_sets, books)]
+    if not columns:
+        return per_target[0], ledgers[0], cached, plan.key, plan, ledgers
+    out = [None if r[0] is None else torch.stack(r, 1) for r in zip(*per_target)]
+    return out, combined_ledger(seed_sets, books, graph.types), cached, plan.key, plan, ledgers
+
+
+def _relevance_per_input(plan: Plan, book: Book, ins: list,
+                         dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
+    """The book's results summed per explained input (token targets summed over the hidden
+    dimension); zeros for a floating-point input no relevance reached."""
     out: list[Optional[torch.Tensor]] = [None] * len(ins)
     for k, t in enumerate(plan.targets):
         r = book.results[k]
@@ -290,10 +342,8 @@ def _run(graph: Graph, key: str, store: _PlanStore, seeds: list, plan_targets: l
         out[idx] = r if out[idx] is None else out[idx] + r
     for i, x in enumerate(ins):
         if out[i] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
-            out[i] = torch.zeros(x.shape, dtype=seeds[0].dtype, device=x.device)
-    check_finite(graph, plan, seeds, book, seed_error)  # finite, or the node that broke it
-    ledger = Ledger(seeds, book, graph.types)
-    return out, ledger, cached, plan.key, plan
+            out[i] = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,18 +394,19 @@ class Explainer:
     """
 
     def __init__(self, model: torch.nn.Module, rules: Any = None, cache: CacheArg = None,
-                 ledger: str = "totals", compile: bool = False) -> None:
+                 ledger: str = "totals", compile: bool = False,
+                 chunk: Optional[int] = None) -> None:
         self.model = model
         self.rules = RuleSet.ensure(rules)
-        self._executor = _ledger_executor(ledger)
-        if compile and self._executor is not Executor:
+        self._options = _Options(_ledger_executor(ledger), _chunk(chunk))
+        if compile and self._options.executor is not Executor:
             raise InvalidInputError("compile=True replays with the ledger's totals; "
                                     "ledger='nodes' needs the eager replay: choose one")
         self._store = _PlanStore(PlanCache.ensure(cache), compile=bool(compile))
 
     def __call__(self, *args: Any, target: Target = None, **kwargs: Any) -> Attribution:
         return _explain(self.model, args, target, self.rules, self._store, kwargs,
-                        self._executor)
+                        self._options)
 
     @property
     def compile_seconds(self) -> dict[str, list[float]]:
@@ -364,7 +415,8 @@ class Explainer:
 
 
 def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: Any = None,
-            cache: CacheArg = None, ledger: str = "totals", **kwargs: Any) -> Attribution:
+            cache: CacheArg = None, ledger: str = "totals", chunk: Optional[int] = None,
+            **kwargs: Any) -> Attribution:
     """Run ``model(*args, **kwargs)`` and explain the target score of each sample.
 
     Positional arguments are the explained inputs (floating-point tensors get relevance of their
@@ -384,7 +436,7 @@ def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: An
     :func:`attribute`).
     """
     return _explain(model, args, target, RuleSet.ensure(rules), _store_for(cache), kwargs,
-                    _ledger_executor(ledger))
+                    _Options(_ledger_executor(ledger), _chunk(chunk)))
 
 
 def _explained_positions(model: Any, kwargs: dict, batch: int) -> Optional[torch.Tensor]:
@@ -414,7 +466,7 @@ def _uncompiled(model: Any) -> Any:
 
 
 def _explain(model, args, target, ruleset, store, kwargs,
-             executor: type[Executor] = Executor) -> Attribution:
+             options: _Options = _Options()) -> Attribution:
     """Run the model and explain the target scores (``explain`` and ``Explainer``). A
     ``torch.compile``d model is explained through the module it wraps (:func:`_uncompiled`):
     same parameters, same relevance as explaining that module.
@@ -439,7 +491,7 @@ def _explain(model, args, target, ruleset, store, kwargs,
     record = _records_forward(model)
     while True:
         try:
-            return _explain_once(model, ins, target, ruleset, store, kwargs, record, executor)
+            return _explain_once(model, ins, target, ruleset, store, kwargs, record, options)
         except UnrecoverableValueError:
             if record:
                 raise
@@ -448,7 +500,7 @@ def _explain(model, args, target, ruleset, store, kwargs,
 
 
 def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool,
-                  executor: type[Executor] = Executor) -> Attribution:
+                  options: _Options = _Options()) -> Attribution:
     """One forward pass (recorded when ``record``) and its explanation."""
     first = next((a for a in ins if isinstance(a, torch.Tensor)), None)
     batch = first.shape[0] if first is not None and first.dim() > 0 else 1
@@ -480,16 +532,19 @@ def _explain_once(model, ins, target, ruleset, store, kwargs, record: bool,
                                     "gradients")
         token_inputs = [k for k, a in enumerate(ins) if isinstance(a, torch.Tensor)
                         and not a.is_floating_point() and not a.is_complex()]
-        rel, ledger, cached, key, plan = _attribute([score], None, ruleset, store, ins,
-                                                    targets, token_inputs, recorder, recording,
-                                                    executor)
+        columns = score.dim() == 2
+        rel, ledger, cached, key, plan, ledgers = _attribute(
+            [score], None, ruleset, store, ins, targets, token_inputs, recorder, recording,
+            options, columns=columns)
+        if columns and isinstance(idx, torch.Tensor) and idx.dim() == 1:  # one per sample
+            rel, score = [None if r is None else r.squeeze(1) for r in rel], score.squeeze(1)
     finally:
         if buffers is not None:
             buffers.restore()
         if recording is not None:
             recording.clear()
     relevance = rel[0] if len(ins) == 1 else tuple(rel)
-    return Attribution(relevance, score.detach(), idx, ledger, cached, key, plan)
+    return Attribution(relevance, score.detach(), idx, ledger, cached, key, plan, tuple(ledgers))
 
 
 #: models (or callables) whose plans read values recorded during the forward pass

@@ -102,25 +102,35 @@ class CheckingExecutor(DetailedExecutor):
             self._fail(s, "its ledger sums (relevance in, out or absorbed)")
 
 
-def check_finite(graph: Graph, plan: Plan, seeds: Sequence[torch.Tensor], book: Book,
+def check_finite(graph: Graph, plan: Plan, seed_sets: Sequence[Sequence[torch.Tensor]],
+                 books: Sequence[Book],
                  seed_error: str = "the explained output holds NaN or infinity") -> None:
     """Raise :class:`~lrpplan.errors.NonFiniteError` if a seed (``seed_error``), a result in
-    ``book`` (what running ``plan`` on ``graph`` from ``seeds`` gave) or one of its ledger sums
-    is not finite.
+    ``books`` (what running ``plan`` on ``graph`` from each seed set gave) or one of their
+    ledger sums is not finite.
 
-    The check is one reduction per tensor and a single host synchronisation (:func:`all_finite`);
-    only when it fails is the plan re-run, with every deposit checked, to name the first node
-    that produced a non-finite value.
+    The check is one reduction per tensor and a single host synchronisation (:func:`all_finite`)
+    for every target together; only when it fails is the plan re-run, with every deposit
+    checked, to name the first node that produced a non-finite value.
     """
+    parts = [t for seeds, book in zip(seed_sets, books) for t in _book_tensors(seeds, book)]
+    if all_finite(parts):
+        return
+    for seeds, book in zip(seed_sets, books):
+        if all_finite(_book_tensors(seeds, book)):
+            continue
+        if not all_finite(list(seeds)):
+            raise NonFiniteError(seed_error)
+        CheckingExecutor(graph, plan).run(seeds)
+        break
+    raise NonFiniteError(
+        "the relevance (or a ledger sum) holds NaN or infinity though the explained output is "
+        "finite, and a checked re-run of the plan did not reproduce it at any node")
+
+
+def _book_tensors(seeds: Sequence[torch.Tensor], book: Book) -> list[torch.Tensor]:
     parts = list(seeds) + [r for r in book.results if r is not None]
     parts += [t for _, t in book.absorbed]
     if book.rows is not None:
         parts += [t for row in book.rows for t in _tensors(row[1:3])]
-    if all_finite(parts):
-        return
-    if not all_finite(list(seeds)):
-        raise NonFiniteError(seed_error)
-    CheckingExecutor(graph, plan).run(seeds)
-    raise NonFiniteError(
-        "the relevance (or a ledger sum) holds NaN or infinity though the explained output is "
-        "finite, and a checked re-run of the plan did not reproduce it at any node")
+    return parts

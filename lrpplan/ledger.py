@@ -190,3 +190,16 @@ class Ledger:
 
 def _absorbed_parts(row) -> Sequence[torch.Tensor]:
     return row[3] if len(row) > 3 else ()
+
+
+def combined_ledger(seed_sets: Sequence[Sequence[torch.Tensor]], books: Sequence[Book],
+                    types) -> Ledger:
+    """The ledger of several targets explained together (their totals summed; no per-node
+    rows): start, at the inputs and absorbed are each the sum over the targets."""
+    seeds = [torch.stack(list(per_root)).sum(0) for per_root in zip(*seed_sets)]
+    results = []
+    for per_target in zip(*(book.results for book in books)):
+        present = [r for r in per_target if r is not None]
+        results.append(torch.stack(present).sum(0) if present else None)
+    absorbed = [part for book in books for part in book.absorbed]
+    return Ledger(seeds, Book(results, list(books[0].through), absorbed, None), types)

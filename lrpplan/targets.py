@@ -3,7 +3,8 @@
 Nothing here is guessed when it is ambiguous:
 
 - a target callable receives the model's own output (tensor, ``ModelOutput``, dict or tuple),
-  as Zennit's ``attr_output`` callable and Captum's ``forward_func`` do, and returns ``[B]``;
+  as Zennit's ``attr_output`` callable and Captum's ``forward_func`` do, and returns ``[B]``
+  (one score per sample) or ``[B, K]`` (K scores per sample, each explained alone);
 - otherwise the output must be (or hold under ``logits``) one of
   ``[]`` (the model reduces the batch to one number: that number is explained),
   ``[B]`` (one score per sample: that score is explained),
@@ -11,6 +12,11 @@ Nothing here is guessed when it is ambiguous:
   ``[B, T, C]`` (sequence logits: the target class at the explained position of each sample,
   the last real token where an attention mask says which tokens are real);
 - anything else raises :class:`~lrpplan.errors.InvalidInputError` saying what to pass.
+
+Several targets per sample (issue 16): a ``[B, K]`` integer target picks K classes per sample
+(at the explained position for sequence logits), a ``[B, K, 2]`` one K (position, token) pairs
+of ``[B, T, C]`` sequence logits; the scores are then ``[B, K]`` and each column is explained
+alone, all in one replay.
 """
 from __future__ import annotations
 
@@ -64,7 +70,8 @@ def output_tensor(raw: Any) -> torch.Tensor:
 
 def class_indices(target: Any, batch: int, n_classes: int,
                   device: torch.device) -> torch.Tensor:
-    """``[B]`` class indices from an int (Python, numpy, 0-d tensor) or per-sample integers.
+    """``[B]`` class indices from an int (Python, numpy, 0-d tensor) or per-sample integers;
+    ``[B, K]`` from K per sample.
 
     Floats, bools and float tensors are refused (``1.9`` never silently means class 1).
     """
@@ -101,9 +108,12 @@ def class_indices(target: Any, batch: int, n_classes: int,
     if t.dim() == 0:
         idx = _checked_int(int(t), n_classes)
         return torch.full((batch,), idx, dtype=torch.long, device=device)
-    if t.dim() != 1 or t.numel() != batch:
+    if t.dim() == 2 and t.shape[0] == batch and t.shape[1] > 0:  # K targets per sample
+        pass
+    elif t.dim() != 1 or t.numel() != batch:
         raise InvalidInputError(f"{tuple(t.shape)} targets for a batch of {batch}: pass one "
-                                "class index, or one per sample (shape [B])")
+                                "class index, one per sample (shape [B]) or K per sample "
+                                "(shape [B, K])")
     if ((t < -n_classes) | (t >= n_classes)).any():
         raise InvalidInputError(f"target {t.tolist()} out of range for {n_classes} outputs")
     return t % n_classes
@@ -126,7 +136,9 @@ def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
 
 def select_scores(raw: Any, target: Target, batch: int,
                   positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
-    """One score per sample (``[B]``) and the target that selected it.
+    """The explained scores and the target that selected them: ``[B]`` (one score per sample:
+    the model's own, or a target callable's) or ``[B, K]`` (classes or (position, token) pairs
+    picked from logits, ``K = 1`` for one per sample: the target then has shape ``[B]``).
 
     Parameters
     ----------
@@ -144,10 +156,12 @@ def select_scores(raw: Any, target: Target, batch: int,
     if is_callable_target(target):
         score = target(raw)
         sizes = {batch} | ({raw.shape[0]} if isinstance(raw, torch.Tensor) and raw.dim() else set())
-        if not isinstance(score, torch.Tensor) or score.dim() != 1 or score.shape[0] not in sizes:
+        if not isinstance(score, torch.Tensor) or score.dim() not in (1, 2) \
+                or score.shape[0] not in sizes or (score.dim() == 2 and score.shape[1] == 0):
             shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-            raise InvalidInputError("a target callable must return one score per sample "
-                                    f"(shape [{' or '.join(map(str, sorted(sizes)))}]), "
+            b = " or ".join(map(str, sorted(sizes)))
+            raise InvalidInputError(f"a target callable must return one score per sample "
+                                    f"(shape [{b}]) or K per sample (shape [{b}, K]), "
                                     f"got {shape}")
         return score, target
     out = output_tensor(raw)
@@ -169,6 +183,8 @@ def select_scores(raw: Any, target: Target, batch: int,
                 f"the model returns one score per sample (shape {tuple(out.shape)}), so there "
                 "is no class to pick: leave target=None")
         return out, None
+    if out.dim() == 3 and _is_pairs(target):
+        return _pair_scores(out, target, batch)
     if out.dim() == 2:
         logits = out
     elif out.dim() == 3:  # sequence logits [B, T, C]
@@ -193,4 +209,41 @@ def select_scores(raw: Any, target: Target, batch: int,
         idx = logits.detach().argmax(-1)
     else:
         idx = class_indices(target, batch, n_classes, logits.device)
-    return logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1), idx
+    # [B, K] scores; one target per sample is K = 1 (the graph, and so the plan, is the same
+    # for every K: K is no structure), squeezed by the caller
+    return logits.gather(-1, idx if idx.dim() == 2 else idx.unsqueeze(-1)), idx
+
+
+def _is_pairs(target: Any) -> bool:
+    """``target`` has the shape ``[B, K, 2]``: (position, token) pairs."""
+    if target is None or is_callable_target(target) or isinstance(target, numbers.Number):
+        return False
+    try:
+        shape = tuple(torch.as_tensor(target).shape) if not isinstance(target, torch.Tensor) \
+            else tuple(target.shape)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return len(shape) == 3 and shape[-1] == 2
+
+
+def _pair_scores(out: torch.Tensor, target: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, K]`` scores ``out[b, position, token]`` from ``[B, K, 2]`` (position, token)
+    pairs of ``[B, T, C]`` sequence logits (positions may differ per target)."""
+    t = torch.as_tensor(target)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InvalidInputError(f"(position, token) targets must be integers, got {t.dtype}")
+    t = t.to(device=out.device, dtype=torch.long)
+    b, steps, vocab = out.shape
+    if t.shape[0] != b:
+        raise InvalidInputError(f"{tuple(t.shape)} (position, token) targets for an output of "
+                                f"batch {b}: pass [B, K, 2]")
+    pos, tok = t[..., 0], t[..., 1]
+    if ((pos < -steps) | (pos >= steps)).any():
+        raise InvalidInputError(f"target positions {pos.tolist()} out of range for {steps} "
+                                "positions")
+    if ((tok < -vocab) | (tok >= vocab)).any():
+        raise InvalidInputError(f"target tokens {tok.tolist()} out of range for {vocab} "
+                                "classes")
+    pos, tok = pos % steps, tok % vocab
+    rows = torch.arange(b, device=out.device).unsqueeze(-1).expand_as(pos)
+    return out[rows, pos, tok], torch.stack([pos, tok], -1)

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..errors import LRPError
-from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, eps_sign, register_op,
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, batched, eps_sign, register_op,
                    register_rule, stable_div, stable_div_share)
 
 #: SDPA node type -> the name under which it saves its float / boolean mask (None: no mask)
@@ -164,7 +164,8 @@ class SDPARule(Rule):
         q, k, v, mask, causal, groups, scale = _operands(x, r.dtype)
         saved_o = x["output"]  # the real output (same dtype: no rounding)
         o = saved_o if saved_o is not None and saved_o.dtype == r.dtype else None
-        chunks = _chunks(q, k.shape[-2])
+        # a batch of targets (lrpplan.many) in one chunk: no buffers of the forward's shape
+        chunks = [()] if batched(r) else _chunks(q, k.shape[-2])
         if chunks == [()]:  # everything at once: no buffers to fill
             *full, absorbed = _attention_relevance(q, k, v, r, o, mask, causal, scale,
                                                    p["epsilon"], send)

@@ -265,6 +265,9 @@ class Rule:
     routes_relevance: bool = False
     #: :meth:`run` calls the op's gradient (:func:`vjp_of`)
     uses_gradient: bool = False
+    #: :meth:`run` works on relevance with a batch of targets in front (``torch.func.vmap``:
+    #: no writes of relevance into buffers made from forward values); see :mod:`lrpplan.many`
+    batched_relevance: bool = True
 
     def proportional(self, p: Mapping[str, Any]) -> bool:
         """The relevance sent to each input is that input's value times finite factors (so it
@@ -380,6 +383,7 @@ def autograd_vjp(forward: ForwardFn, at: Sequence[Any] = ()) -> VjpFn:
             grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [r for _, r in pairs],
                                              allow_unused=True))
         return [None if t is None else next(grads) for t in ins]
+    vjp.by_autograd = True  # type: ignore[attr-defined]  (not under torch.func.vmap)
     return vjp
 
 
@@ -422,10 +426,23 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     return eps_sign(z, eps).add_(z)
 
 
+def batched(t: Tensor) -> bool:
+    """``t`` carries a batch of targets (inside :func:`torch.func.vmap`, :mod:`lrpplan.many`)."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
+def into(dst: Tensor, src: Tensor) -> bool:
+    """An in-place op on ``dst`` (a temporary) with ``src`` may write into ``dst``: not when
+    ``src`` carries a batch of targets and ``dst`` does not."""
+    return not batched(src) or batched(dst)
+
+
 def _in_place_ok(r: Tensor, d: Tensor) -> bool:
     """``r / d`` may be written into ``d`` (a temporary): same shape and dtype, no autograd,
-    and not inside ``torch.compile`` (which plans its own buffers)."""
+    not inside ``torch.compile`` (which plans its own buffers) nor with a batch of targets in
+    ``r`` only."""
     return d.shape == r.shape and d.dtype == r.dtype and not torch.compiler.is_compiling() \
+        and into(d, r) \
         and not (torch.is_grad_enabled() and (r.requires_grad or d.requires_grad))
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import (Attrs, Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output,
+from .base import (Attrs, Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, into, own_output,
                    register_op, register_rule, stable_div_share)
 from .layout import conv_has_bias
 
@@ -176,7 +176,8 @@ def _epsilon(run, x, w, b, rel: list, p, z=None):
     rel[0] = z = hidden = None
     g = run.vjp(s, x, w)
     del s
-    return (g.mul_(x) if g.shape == x.shape else x * g), absorbed  # the VJP is a fresh tensor
+    # the VJP is a fresh tensor: written in place where it may be
+    return (g.mul_(x) if g.shape == x.shape and into(g, x) else x * g), absorbed
 
 
 def _hidden_bias(run, x, w, z, p):

@@ -211,6 +211,7 @@ class ScatterProd(Rule):
     absorbs its relevance."""
 
     name = "scatter_prod"
+    batched_relevance = False  # the source's relevance is written into a buffer of its shape
 
     def absorbs(self, p) -> bool:
         return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, own_output, register_op,
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, into, own_output, register_op,
                    register_rule, stable_div_share)
 
 
@@ -176,7 +176,7 @@ class AffineNorm(Rule):
             y = ax + shift
         s, shares = stable_div_share(r, as_rel(y, r.dtype), p["epsilon"], nonneg, bias=shift)
         out = [None] * len(p["send"])
-        out[0] = ax.mul_(s)
+        out[0] = ax.mul_(s) if into(ax, s) else ax * s
         return out + [add_parts([shares], s)]
 
 

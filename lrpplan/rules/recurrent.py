@@ -397,6 +397,7 @@ class RecurrentLayerRule(Rule):
 
     name = "rnn"
     defaults = {"epsilon": 1e-6, "gates": "signal"}
+    batched_relevance = False  # the recurrence fills per-step buffers of the forward's shape
 
     def absorbs(self, p) -> bool:
         return True

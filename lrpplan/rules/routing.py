@@ -428,7 +428,7 @@ def _as_strided_vjp(rel, a):
         numel *= s
     where = torch.arange(numel, device=r.device).as_strided(
         a["size"], a["stride"], 0 if a["storage_offset"] is None else a["storage_offset"])
-    g = r.new_zeros(numel).index_add_(0, where.reshape(-1), r.reshape(-1))
+    g = r.new_zeros(numel).index_add(0, where.reshape(-1), r.reshape(-1))
     return [g.reshape(shape)]
 
 
@@ -453,11 +453,11 @@ register_op("IndexBackward0", "route", reads=("indices",), meta=("in_shapes",), 
 register_op("IndexSelectBackward0", "route", attrs=("dim",), reads=("index",),
             meta=("in_shapes",),
             forward=lambda v, a: [v[0].index_select(a["dim"], a["index"])],
-            vjp=lambda rel, a: [_zeros_in(a, rel[0]).index_add_(a["dim"], a["index"], rel[0])])
+            vjp=lambda rel, a: [_zeros_in(a, rel[0]).index_add(a["dim"], a["index"], rel[0])])
 register_op("GatherBackward0", "route", attrs=("dim",), reads=("index",), meta=("in_shapes",),
             saved_inputs={0: "_saved_self"},
             forward=lambda v, a: [torch.gather(v[0], a["dim"], a["index"])],
-            vjp=lambda rel, a: [_zeros_in(a, rel[0]).scatter_add_(a["dim"], a["index"],
+            vjp=lambda rel, a: [_zeros_in(a, rel[0]).scatter_add(a["dim"], a["index"],
                                                                     rel[0])])
 
 
@@ -508,7 +508,7 @@ def _max_pool_vjp(rel, a):
         return [backward(r, x, list(a["kernel_size"]), list(a["stride"]), list(a["padding"]),
                          list(a["dilation"]), a["ceil_mode"], idx)]
     flat = r.new_zeros(x.shape[:-nd] + (x.shape[-nd:].numel(),))
-    flat.scatter_add_(-1, idx.flatten(-nd), r.flatten(-nd))
+    flat = flat.scatter_add(-1, idx.flatten(-nd), r.flatten(-nd))
     return [flat.reshape(x.shape)]
 
 
