@@ -19,13 +19,18 @@ Three tasks (``task=None`` detects it from the model class and the text):
 * ``"similarity"`` (``text`` a pair of sentences, ``model`` an encoder such as ``AutoModel``):
   the cosine similarity of the mean-pooled (over the attention mask) sentence embeddings, as in
   sentence-transformers' all-MiniLM / all-mpnet models.
+
+:func:`explain_generation` (:mod:`lrpplan.integrations.generation`) explains every token a
+model generates, in one replay.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["TextAttribution", "explain_text"]
+from .generation import GenerationAttribution, explain_generation
+
+__all__ = ["GenerationAttribution", "TextAttribution", "explain_generation", "explain_text"]
 
 _MISSING = ("lrpplan.integrations.transformers needs the transformers package: "
             "pip install lrpplan[zoo]")
