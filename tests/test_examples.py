@@ -29,7 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 120
 
 COVERED_HERE = {"property_test_my_model.py", "explain_dataset.py", "minilm_similarity.py",
-                "digits_cnn.py"}
+                "digits_cnn.py", "explain_generation.py"}
 COVERED_IN_TEST_CLI = {"quickstart.py", "aot_compile.py"}
 
 
@@ -146,4 +146,17 @@ def test_minilm_similarity(tmp_path):
         pairs = re.findall(r"(\S+)\(([-+][0-9.e+-]+)\)", line)
         assert max(pairs, key=lambda p: float(p[1]))[0] == "guitar", line
     assert "\x1b[" not in done.stdout
+    assert plan_files(cache)
+
+
+def test_explain_generation(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("PIL")
+    cwd, cache, done = run_example("explain_generation.py", tmp_path)
+    assert "prompt 'c a f b e =' -> 'c a f b e'" in done.stdout, done.stdout
+    shares = [int(m) for m in re.findall(r"(\d+)% of its positive relevance", done.stdout)]
+    assert len(shares) == 5 and min(shares) >= 50, done.stdout  # each copy points at its source
+    assert_png(cwd / "generation.png")
+    assert "onmouseenter" in (cwd / "generation.html").read_text()
     assert plan_files(cache)
