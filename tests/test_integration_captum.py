@@ -333,3 +333,73 @@ def test_functional_attention_captum_reuse_of_module_raises():
     lrp = LRP(model, cache=False)
     ours = lrp.attribute(x, target=1)
     assert torch.isfinite(ours).all() and lrp.last.ledger.closes()
+
+
+# -- the multi-target extension: K targets per sample, one replay ------------------------------
+
+def test_multi_target_tensor_equals_captum_per_target(cnn):
+    torch.manual_seed(5)
+    model = CNN(bias=True).double().eval()
+    x = cnn[1]
+    targets = torch.tensor([[0, 2], [1, 1], [2, 0], [0, 1], [2, 1]])
+    lrp = LRP(model, rules=RULES, cache=False)
+    ours, delta = lrp.attribute(x, target=targets, return_convergence_delta=True)
+    assert ours.shape == (5, 2, *x.shape[1:]) and ours.dtype == x.dtype
+    assert delta.shape == (5, 2)
+    for k in range(2):
+        ref, ref_delta = captum_lrp(model, x, target=targets[:, k], return_convergence_delta=True)
+        assert rel_err(ours[:, k], ref.detach()) <= 1e-6
+        assert torch.allclose(delta[:, k], ref_delta.detach(), rtol=1e-5, atol=1e-9)
+        # and one-by-one through the drop-in itself (float64: 1e-10)
+        single = lrp.attribute(x, target=targets[:, k])
+        assert torch.allclose(ours[:, k], single, rtol=0, atol=1e-10 * single.abs().max())
+    out = model(x).gather(1, targets).detach()
+    assert torch.allclose(delta, out - ours.reshape(5, 2, -1).sum(2), rtol=0, atol=1e-12)
+    assert delta.abs().max() > 1e-3  # biases absorb relevance: the check compares something
+    for form in (targets, targets.tolist()):  # Captum rejects both forms: no meaning changes
+        with pytest.raises(Exception):
+            captum_lrp(model, x, target=form)
+
+
+def test_multi_target_lists_of_tuples_on_sequence_output():
+    torch.manual_seed(6)
+    model = SeqModel().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    target = [[(0, 0), (4, 2), (1, 1)], [(2, 1), (2, 2), (3, 0)], [(4, 0), (0, 2), (1, 1)]]
+    lrp = LRP(model, rules=RULES, cache=False)
+    ours = lrp.attribute(x, target=target)
+    assert ours.shape == (3, 3, 5, 4)
+    for k in range(3):
+        ref = captum_lrp(model, x, target=[row[k] for row in target])
+        assert rel_err(ours[:, k], ref.detach()) <= 1e-6
+    # positions differ per target: target (0, 4, 2) of sample 0 sees only position 4
+    assert ours[0, 1, [0, 1, 2, 3]].abs().max() == 0 and ours[0, 1, 4].abs().max() > 0
+
+
+def test_multi_target_tuple_inputs_and_ints_in_lists():
+    torch.manual_seed(7)
+    model = TwoInputs().double()
+    a, b = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    target = [[0, 1, 2], [2, 2, 1], [1, 0, 0], [0, 2, 1]]
+    ours = LRP(model, rules=RULES, cache=False).attribute((a, b), target=target)
+    assert ours[0].shape == (4, 3, 4) and ours[1].shape == (4, 3, 3)
+    for k in range(3):
+        ref = captum_lrp(model, (a, b), target=[row[k] for row in target])
+        for o, r in zip(ours, ref):
+            assert rel_err(o[:, k], r.detach()) <= 1e-6
+
+
+@pytest.mark.parametrize("target, match", [
+    (torch.tensor([[0, 1]] * 4), "B = 5"),
+    (torch.tensor([[0.0, 1.0]] * 5), "integer"),
+    ([[0, 1]] * 4 + [[0]], "same number"),
+    ([[0, "a"]] * 5, "not valid"),
+    ([[(0, 1)]] * 5, "does not pick one value"),
+])
+def test_multi_target_rejections(cnn, target, match):
+    model, x = cnn
+    with pytest.raises(lrpplan.InvalidInputError, match=match):
+        LRP(model, cache=False).attribute(x, target=target)
+    # Captum itself rejects these forms (no Captum call changes meaning under the extension)
+    with pytest.raises(Exception):
+        captum_lrp(model, x, target=target)

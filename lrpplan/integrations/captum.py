@@ -31,6 +31,15 @@ What changes:
   relevance.
 * ``verbose=True`` prints the compiled plan instead of the per-layer rules.
 
+An extension Captum does not have: several targets per sample in one call. ``target`` as a
+``[B, K]`` integer tensor, or a list of B lists of K entries (each an int, or a tuple indexing
+a sample's output as Captum's per-sample tuples do), explains the K selected scores of each
+sample separately, all in one replay: the attributions then have shape ``[B, K, *input]`` (one
+map per target) and the convergence delta ``[B, K]``. Captum itself rejects these forms, so
+no Captum call changes meaning::
+
+    attributions = lrp.attribute(x, target=torch.tensor([[0, 3], [1, 2]]))  # [2, 2, *x.shape[1:]]
+
 Importing this module does not need Captum.
 """
 from __future__ import annotations
@@ -93,11 +102,56 @@ def _select_column(output: torch.Tensor, target: Any) -> torch.Tensor:
     return output[(slice(None), *target)]
 
 
+def _is_multi_target(target: Any) -> bool:
+    """``target`` names K scores per sample: a 2-D tensor or a list of lists (the extension)."""
+    if isinstance(target, torch.Tensor):
+        return target.dim() == 2
+    return isinstance(target, list) and len(target) > 0 and isinstance(target[0], list)
+
+
+def _multi_scores(output: torch.Tensor, target: Any) -> torch.Tensor:
+    """``[B, K]`` scores: for each sample the K entries ``target`` names."""
+    n = output.shape[0]
+    if isinstance(target, torch.Tensor):
+        if target.shape[0] != n or target.shape[1] == 0:
+            raise CaptumTargetError(f"a [B, K] target needs B = {n} rows and K > 0, "
+                                    f"got {tuple(target.shape)}")
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise CaptumTargetError(f"targets must be integer class indices, got {target.dtype}")
+        if output.dim() != 2:
+            raise CaptumTargetError("Output must be 2D to select a [B, K] tensor of targets; "
+                                    "pass a list of lists of index tuples")
+        return output.gather(1, target.to(output.device, torch.long))
+    if len(target) != n:
+        raise CaptumTargetError("Target list length does not match output!")
+    widths = {len(row) for row in target}
+    if len(widths) != 1 or 0 in widths:
+        raise CaptumTargetError(f"every sample needs the same number K > 0 of targets, "
+                                f"got row lengths {sorted(widths)}")
+    rows = []
+    for i, row in enumerate(target):
+        scores = []
+        for t in row:
+            index = (t,) if isinstance(t, int) and not isinstance(t, bool) else t
+            if not isinstance(index, tuple) or not all(isinstance(j, int) for j in index):
+                raise CaptumTargetError(f"Target element {t!r} in list is not valid: pass ints "
+                                        "or tuples of ints")
+            if len(index) != output.dim() - 1:
+                raise CaptumTargetError(f"target {t!r} does not pick one value of an output of "
+                                        f"shape {tuple(output.shape)}")
+            scores.append(output[(i,) + index])
+        rows.append(torch.stack(scores))
+    return torch.stack(rows)
+
+
 def _scores(output: torch.Tensor, target: Any) -> torch.Tensor:
     """One score per sample, as Captum differentiates it (the selection must leave one value
-    per sample; Captum then back-propagates from every sample's value)."""
+    per sample; Captum then back-propagates from every sample's value), or ``[B, K]`` scores
+    for the multi-target extension."""
     if not isinstance(output, torch.Tensor) or output.dim() == 0:
         raise CaptumTargetError("the model must return a tensor with a batch dimension")
+    if _is_multi_target(target):
+        return _multi_scores(output, target)
     selected = _select_targets(output, target)
     if selected.dim() == 0 or selected[0].numel() != 1:
         raise CaptumTargetError("Target not provided when necessary, cannot take gradient with "
@@ -194,7 +248,9 @@ class LRP:
         if verbose:
             print(result.plan.format())
         rel = result.relevance if isinstance(result.relevance, tuple) else (result.relevance,)
-        rel = tuple(torch.zeros_like(x) if r is None else r.to(x.dtype) for r, x in zip(rel, ins))
+        per_target = tuple(result.output.shape[1:]) if _is_multi_target(target) else ()
+        rel = tuple(x.new_zeros(x.shape[:1] + per_target + x.shape[1:]) if r is None
+                    else r.to(x.dtype) for r, x in zip(rel, ins))
         attributions = rel if is_tuple else rel[0]
         if return_convergence_delta:
             return attributions, self.compute_convergence_delta(rel, result.output.to(ins[0].dtype))
@@ -204,6 +260,9 @@ class LRP:
                                   output: torch.Tensor) -> torch.Tensor:
         """``output − Σ attributions`` per sample (Captum's convention for LRP)."""
         attrs = attributions if isinstance(attributions, tuple) else (attributions,)
+        if output.dim() == 2:  # K targets per sample: attributions [B, K, *input]
+            summed = sum(a.reshape(*a.shape[:2], -1).sum(2) for a in attrs)
+            return output - summed
         summed = sum(a.reshape(a.shape[0], -1).sum(1) for a in attrs)
         return output.flatten() - summed.flatten()
 
