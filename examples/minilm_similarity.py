@@ -19,6 +19,11 @@ The tokens are printed in the terminal with their relevance (plain numbers when 
 set), on one colour scale per pair, and written to ``minilm_similarity.html`` in the current
 directory (or ``--out``), on one colour scale for all pairs. A second, unrelated pair is explained
 in the same call, for contrast: its tokens stay pale on the common scale.
+
+For the first pair the example also asks which *pairs* of words carry the similarity (BiLRP,
+``pairs=True``: one map per embedding dimension of each sentence, all in chunked multi-target
+replays, multiplied pairwise), prints the strongest word pairs and writes the word × word heatmap
+to ``minilm_pairs.png`` (needs Pillow).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from lrpplan.viz import tokens_html, tokens_terminal  # noqa: E402
 
 CACHE_DIR = Path(os.environ.get("LRPPLAN_CACHE") or Path(__file__).resolve().parents[1] / "cache")
 HTML_NAME = "minilm_similarity.html"
+PAIRS_PNG = "minilm_pairs.png"
 PAIRS = [("A man is playing a guitar.", "Someone plays an acoustic guitar on a small stage."),
          ("The cat sleeps.", "Stock markets fell sharply this morning.")]
 
@@ -96,7 +102,27 @@ def main(argv: list[str] | None = None) -> int:
     tokens_html(rows, rels, page, labels=labels,
                 title="all-MiniLM-L6-v2: which tokens make the sentences similar (LRP)")
     print(f"\nHTML: {page.resolve()}")
+    explain_word_pairs(encoder, tok, pairs[0], cache, out / PAIRS_PNG)
     return 0
+
+
+def explain_word_pairs(encoder, tok, pair, cache, png: Path) -> None:
+    """BiLRP on one sentence pair: the strongest word pairs, and their heatmap as a PNG."""
+    t0 = time.perf_counter()
+    res = explain_text(encoder, tok, pair, task="similarity", pairs=True, merge_words=True,
+                       cache=cache)
+    m = res.pairs
+    print(f"\nword pairs of pair 1 (BiLRP, {time.perf_counter() - t0:.1f} s): the pair matrix "
+          f"sums to {float(m.sum()):.3f} of cosine {res.score:.3f}; strongest pairs:")
+    for i in m.flatten().argsort(descending=True)[:3].tolist():
+        a, b = res.tokens[0][i // m.shape[1]], res.tokens[1][i % m.shape[1]]
+        print(f"  {a} x {b}: {float(m.flatten()[i]):+.4f}")
+    try:
+        res.pairs_png(png)
+    except ImportError as exc:
+        print(f"no PNG ({exc})")
+        return
+    print(f"PNG: {png.resolve()}")
 
 
 if __name__ == "__main__":

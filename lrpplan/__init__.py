@@ -9,6 +9,7 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 from .api import Attribution, Explainer, attribute, explain
+from .bilrp import PairAttribution, bilrp
 from .cache import PlanCache
 from .config import RuleSet
 from .coverage import coverage, rule_table
@@ -24,8 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
-    "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
+    "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "PairAttribution", "Plan", "PlanCache",
+    "PlanError",
     "PlanMismatchError", "RuleError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
-    "attribute", "coverage", "explain", "explain_dataset", "register_function", "rule_table",
+    "attribute", "bilrp", "coverage", "explain", "explain_dataset", "register_function", "rule_table",
     "__version__",
 ]

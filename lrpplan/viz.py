@@ -7,10 +7,11 @@ Zennit users know from ``zennit.image.imgify``).
 Text relevance uses the same colour map: :func:`tokens_html` writes an HTML page with each
 token's background coloured, :func:`tokens_terminal` renders the tokens with 24-bit ANSI
 background colours (or as plain text with the numbers when ``NO_COLOR`` is set).
-:func:`grid` puts several image heatmaps side by side; :func:`heatmap_terminal` draws them with
+:func:`grid` puts several image heatmaps side by side; :func:`matrix_png` draws a matrix
+(token × token) with labels on both axes; :func:`heatmap_terminal` draws them with
 coloured block characters (or plain characters) for a terminal.
 
-Only :func:`heatmap`, :func:`overlay` and :func:`grid` need Pillow, an optional dependency
+Only :func:`heatmap`, :func:`overlay`, :func:`grid` and :func:`matrix_png` need Pillow, an optional dependency
 (``pip install lrpplan[viz]``); :func:`colorize` and the token renderings are numpy only.
 
 >>> import torch
@@ -26,8 +27,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["COLORMAPS", "colorize", "grid", "heatmap", "heatmap_terminal", "normalize",
-           "overlay", "tokens_html", "tokens_terminal"]
+__all__ = ["COLORMAPS", "colorize", "grid", "heatmap", "heatmap_terminal", "matrix_png",
+           "normalize", "overlay", "tokens_html", "tokens_terminal"]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -578,3 +579,43 @@ def _terminal_block(r: np.ndarray, color: bool, cmap: str, signed: bool) -> list
                 line.append("\x1b[0m\x1b[38;2;{};{};{}m\u2580".format(*up))
         out.append("".join(line) + "\x1b[0m")
     return out
+
+
+def short_label(token: str, n: int = 12) -> str:
+    """A token as a short axis label (sub-word space markers shown as spaces, at most ``n``
+    characters)."""
+    token = token.replace("\u0120", " ").replace("\u2581", " ").replace("\n", "\\n")
+    return token if len(token) <= n else token[:n - 1] + "\u2026"
+
+
+def matrix_png(matrix: Any, rows: Sequence[str], columns: Sequence[str],
+               path: Optional[StrPath] = None, cmap: str = "bwr", cell: int = 22) -> Any:
+    """A signed heatmap of a ``[R, C]`` matrix with ``rows`` down the left and ``columns`` along
+    the top (rotated), normalised by ``max |m|``. Returns the PIL image; saves it to ``path``."""
+    Image = _pil()
+    from PIL import ImageDraw
+
+    m = _numpy(matrix)
+    if m.ndim != 2 or m.shape != (len(rows), len(columns)):
+        raise ValueError(f"a {m.shape} matrix needs {m.shape[0] if m.ndim == 2 else '?'} row and "
+                         f"column labels, got {len(rows)} and {len(columns)}")
+    peak = float(np.abs(m).max()) if m.size else 0.0
+    rgb = _signed_rgb(m / peak if peak > 0 else m * 0, cmap)
+    left = 8 * max(len(short_label(t)) for t in rows) + 12 if len(rows) else 12
+    top = 8 * max(len(short_label(t)) for t in columns) + 12 if len(columns) else 12
+    img = Image.new("RGB", (left + cell * m.shape[1] + 4, top + cell * m.shape[0] + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for k, label in enumerate(rows):
+        draw.text((4, top + k * cell + cell // 4), short_label(label), fill="black")
+    for j, label in enumerate(columns):
+        lab = Image.new("RGB", (top, cell), "white")
+        ImageDraw.Draw(lab).text((4, cell // 4), short_label(label), fill="black")
+        img.paste(lab.rotate(90, expand=True), (left + j * cell, 0))
+    for k in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            x0, y0 = left + j * cell, top + k * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1],
+                           fill=tuple(int(c) for c in rgb[k, j]), outline=(220, 220, 220))
+    if path is not None:
+        img.save(os.fspath(path))
+    return img

@@ -62,6 +62,14 @@ def assert_png(path: Path) -> None:
         img.verify()
 
 
+def _has_pillow() -> bool:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_every_example_is_covered():
     scripts = {p.name for p in EXAMPLES.glob("*.py")}
     assert scripts <= COVERED_HERE | COVERED_IN_TEST_CLI, (
@@ -147,6 +155,11 @@ def test_minilm_similarity(tmp_path):
         assert max(pairs, key=lambda p: float(p[1]))[0] == "guitar", line
     assert "\x1b[" not in done.stdout
     assert plan_files(cache)
+    # BiLRP: the shared word pairs with itself most strongly; the heatmap is written
+    top = re.findall(r"^  (\S+) x (\S+): ([-+][0-9.]+)$", done.stdout, re.M)
+    assert top[0][:2] == ("guitar", "guitar"), done.stdout
+    if _has_pillow():
+        assert (cwd / "html" / "minilm_pairs.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_explain_generation(tmp_path):

@@ -136,17 +136,18 @@ def test_merge_words(tok, bert_cls):
 
 
 def test_merge_conventions_without_offsets():
-    from lrpplan.integrations.transformers import _merge
+    from lrpplan.integrations.transformers import _merge, _word_groups
 
     toks = ["<s>", "\u0120The", "\u0120un", "bel", "iev", "ably", ",", "\u0120ok", "</s>"]
     rel = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
     special = [True] + [False] * 7 + [True]
-    words, r = _merge(toks, rel, special, None, None, None)
+    words, r = _merge(toks, rel, special, _word_groups(toks, special, None), None, None)
     assert words == ["<s>", "The", "unbelievably", ",", "ok", "</s>"]
     assert r == [1.0, 2.0, 18.0, 7.0, 8.0, 9.0]
     toks = ["[CLS]", "un", "##bel", "good", "[SEP]"]
-    words, r = _merge(toks, [0.0, 1.0, 2.0, 3.0, 0.5], [True, False, False, False, True],
-                      None, None, None)
+    special = [True, False, False, False, True]
+    words, r = _merge(toks, [0.0, 1.0, 2.0, 3.0, 0.5], special,
+                      _word_groups(toks, special, None), None, None)
     assert words == ["[CLS]", "unbel", "good", "[SEP]"] and r == [0.0, 3.0, 3.0, 0.5]
 
 
@@ -195,6 +196,13 @@ def test_similarity(tok, minilm_path):
     assert merged.relevance[1][k] == pytest.approx(sum(res.relevance[1][p0:p0 + n]), rel=1e-6)
     html = merged.to_html()
     assert "guitar" in html and "unbelievably" in html
+    # BiLRP on the pretrained model: the pair that carries the similarity most is the shared
+    # word, the next one the two forms of the shared verb
+    words = explain_text(enc, tok, (a, b), merge_words=True, pairs=True, cache=False)
+    order = words.pairs.flatten().argsort(descending=True)[:2].tolist()
+    nb = words.pairs.shape[1]
+    top = [(words.tokens[0][i // nb], words.tokens[1][i % nb]) for i in order]
+    assert top == [("guitar", "guitar"), ("playing", "plays")]
 
 
 def test_missing_transformers_message(monkeypatch):
@@ -203,3 +211,49 @@ def test_missing_transformers_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"pip install lrpplan\[zoo\]"):
         explain_text(torch.nn.Linear(2, 2), None, "x")
+
+
+class _OneSentence(torch.nn.Module):
+    """Encoder + mean pooling + L2 normalisation for one unpadded sentence (an independent path
+    to the same embedding as explain_text's padded sentence pair)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        h = self.encoder(input_ids=input_ids).last_hidden_state
+        pooled = h.sum(1) / h.shape[1]  # a sum then a division, as in the pair's masked mean
+        return pooled / pooled.norm(dim=-1, keepdim=True)
+
+
+def test_similarity_pairs(tok, tmp_path):
+    torch.manual_seed(3)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=64)
+    enc = transformers.BertModel(cfg).double().eval()
+    a, b = "A man is playing a guitar.", "Someone plays an unbelievably loud guitar tonight."
+    res = explain_text(enc, tok, (a, b), task="similarity", pairs=True, chunk=8, cache=False,
+                       rules="attnlrp")
+    na, nb = len(tok(a)["input_ids"]), len(tok(b)["input_ids"])
+    assert res.pairs.shape == (na, nb)  # padding of the shorter sentence is left out
+    # the same pairs through lrpplan.bilrp on each sentence alone (no padding, no pair batch)
+    ref = lrpplan.bilrp(_OneSentence(enc), _ids(tok, a)[0], _ids(tok, b)[0], rules="attnlrp",
+                        cache=False)
+    assert torch.allclose(res.pairs, ref.pairs[0], rtol=0, atol=1e-9 * ref.pairs.abs().max())
+    assert ref.similarity.item() == pytest.approx(res.score, rel=1e-9)
+    # merged words: each word pair is the block sum of its piece pairs
+    words = explain_text(enc, tok, (a, b), task="similarity", pairs=True, merge_words=True,
+                         cache=False, rules="attnlrp")
+    k = words.tokens[1].index("unbelievably")
+    p0 = res.tokens[1].index("un")
+    n = len(tok.tokenize("unbelievably"))
+    assert words.pairs.shape == (len(words.tokens[0]), len(words.tokens[1]))
+    assert words.pairs[:, k].sum().item() == pytest.approx(
+        res.pairs[:, p0:p0 + n].sum().item(), rel=1e-9)
+    assert words.pairs.sum().item() == pytest.approx(res.pairs.sum().item(), rel=1e-9)
+    img = words.pairs_png(tmp_path / "pairs.png")
+    assert (tmp_path / "pairs.png").exists() and img.size[0] > 22 * len(words.tokens[1])
+    with pytest.raises(ValueError, match="pairs=True"):
+        explain_text(enc, tok, (a, b), task="similarity", cache=False).pairs_png()

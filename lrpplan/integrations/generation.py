@@ -122,39 +122,10 @@ class GenerationAttribution:
     def to_png(self, path: Any = None, cmap: str = "bwr", cell: int = 22) -> Any:
         """A heatmap image of the matrix with the tokens on the axes (generated tokens down the
         left, the context along the top). Returns the PIL image; saves it to ``path``."""
-        from lrpplan.viz import _pil, _signed_rgb
-
-        Image = _pil()
-        from PIL import ImageDraw
+        from lrpplan.viz import matrix_png
 
         context, rows = self._labels()
-        m = self.matrix.detach().double().cpu().numpy()
-        peak = float(np.abs(m).max()) if m.size else 0.0
-        rgb = _signed_rgb(m / peak if peak > 0 else m * 0, cmap)
-        left = 8 * max(len(_short(t)) for t in rows) + 12 if rows else 12
-        top = 8 * max(len(_short(t)) for t in context) + 12 if context else 12
-        img = Image.new("RGB", (left + cell * m.shape[1] + 4, top + cell * m.shape[0] + 4),
-                        "white")
-        draw = ImageDraw.Draw(img)
-        for k, label in enumerate(rows):
-            draw.text((4, top + k * cell + cell // 4), _short(label), fill="black")
-        for j, label in enumerate(context):
-            lab = Image.new("RGB", (top, cell), "white")
-            ImageDraw.Draw(lab).text((4, cell // 4), _short(label), fill="black")
-            img.paste(lab.rotate(90, expand=True), (left + j * cell, 0))
-        for k in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                x0, y0 = left + j * cell, top + k * cell
-                draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1],
-                               fill=tuple(int(c) for c in rgb[k, j]), outline=(220, 220, 220))
-        if path is not None:
-            img.save(os.fspath(path))
-        return img
-
-
-def _short(token: str, n: int = 12) -> str:
-    token = token.replace("\u0120", " ").replace("\u2581", " ").replace("\n", "\\n")
-    return token if len(token) <= n else token[:n - 1] + "…"
+        return matrix_png(self.matrix, rows, context, path=path, cmap=cmap, cell=cell)
 
 
 class _Seq2Seq(torch.nn.Module):

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+import torch
+
 from .generation import GenerationAttribution, explain_generation
 
 __all__ = ["GenerationAttribution", "TextAttribution", "explain_generation", "explain_text"]
@@ -64,6 +66,9 @@ class TextAttribution:
         ``"classification"``, ``"next-token"`` or ``"similarity"``.
     target_token : str, optional
         The next token as a string (next-token task).
+    pairs : torch.Tensor, optional
+        Similarity with ``pairs=True``: ``[len(tokens[0]), len(tokens[1])]``, the relevance of
+        each (token of the first sentence, token of the second) pair (BiLRP).
     """
 
     tokens: list
@@ -73,6 +78,7 @@ class TextAttribution:
     attribution: Any
     task: str = ""
     target_token: Optional[str] = None
+    pairs: Any = None
 
     def _title(self) -> str:
         if self.task == "next-token":
@@ -94,6 +100,17 @@ class TextAttribution:
         from lrpplan.viz import tokens_terminal
 
         return tokens_terminal(self.tokens, self.relevance, color=color, cmap=cmap)
+
+    def pairs_png(self, path: Any = None, cmap: str = "bwr", cell: int = 22) -> Any:
+        """A heatmap of :attr:`pairs`, the first sentence's tokens down the left and the second's
+        along the top (see :func:`lrpplan.viz.matrix_png`). Returns the PIL image."""
+        if self.pairs is None:
+            raise ValueError("no pair matrix: call explain_text(..., task='similarity', "
+                             "pairs=True)")
+        from lrpplan.viz import matrix_png
+
+        return matrix_png(self.pairs, self.tokens[0], self.tokens[1], path=path, cmap=cmap,
+                          cell=cell)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -121,6 +138,17 @@ class _MeanPoolCosine:
 
     def __repr__(self) -> str:
         return "cosine"
+
+
+class _BothEmbeddings:
+    """Callable target: every embedding dimension of both sentences, ``[1, 2, D]`` → ``[1, 2D]``
+    (one target each: the per-dimension maps BiLRP pairs up)."""
+
+    def __call__(self, emb: Any) -> Any:
+        return emb.reshape(emb.shape[0], -1)
+
+    def __repr__(self) -> str:
+        return "embedding dimensions"
 
 
 def _pair_module(encoder: Any) -> Any:
@@ -213,21 +241,27 @@ def _word_text(tokens: Sequence[str], group: Sequence[int]) -> str:
     return word
 
 
+def _word_groups(tokens: list[str], special: list[bool], word_ids: Optional[list]
+                 ) -> list[list[int]]:
+    """Groups of token indices forming words: from a fast tokenizer's word ids, else by the
+    sub-word conventions."""
+    if word_ids is None:
+        return _merge_by_convention(tokens, special)
+    groups: list[list[int]] = []
+    prev = object()
+    for i, w in enumerate(word_ids):
+        if w is None or special[i] or w != prev or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+        prev = None if (w is None or special[i]) else w
+    return groups
+
+
 def _merge(tokens: list[str], rel: list[float], special: list[bool],
-           word_ids: Optional[list], offsets: Optional[list], text: Optional[str]
+           groups: list[list[int]], offsets: Optional[list], text: Optional[str]
            ) -> tuple[list[str], list[float]]:
     """Sub-word pieces merged into words (relevance summed)."""
-    if word_ids is not None:
-        groups: list[list[int]] = []
-        prev = object()
-        for i, w in enumerate(word_ids):
-            if w is None or special[i] or w != prev or not groups:
-                groups.append([i])
-            else:
-                groups[-1].append(i)
-            prev = None if (w is None or special[i]) else w
-    else:
-        groups = _merge_by_convention(tokens, special)
     words, rels = [], []
     for g in groups:
         rels.append(float(sum(rel[i] for i in g)))
@@ -265,7 +299,8 @@ def _encode(tokenizer: Any, texts: list[str]) -> tuple[Any, list[Optional[list]]
 
 def explain_text(model: Any, tokenizer: Any, text: Union[str, Sequence[str]], target: Any = None,
                  task: Optional[str] = None, merge_words: bool = False, rules: Any = None,
-                 cache: Any = None) -> TextAttribution:
+                 cache: Any = None, pairs: bool = False, chunk: Optional[int] = 64
+                 ) -> TextAttribution:
     """Explain one text (or a sentence pair) with lrpplan, token by token.
 
     Parameters
@@ -287,6 +322,10 @@ def explain_text(model: Any, tokenizer: Any, text: Union[str, Sequence[str]], ta
         Merge sub-word pieces into words, summing their relevance.
     rules, cache :
         As for :func:`lrpplan.explain`.
+    pairs : bool
+        similarity only: also the relevance of every token pair (BiLRP, see
+        :func:`lrpplan.bilrp`) in :attr:`TextAttribution.pairs`, one target per embedding
+        dimension of both sentences, ``chunk`` targets per replay.
 
     Returns
     -------
@@ -303,34 +342,11 @@ def explain_text(model: Any, tokenizer: Any, text: Union[str, Sequence[str]], ta
     if task == "similarity":
         if isinstance(text, str) or len(text) != 2:
             raise ValueError("similarity needs a pair of sentences: text=(a, b)")
-        texts = [str(text[0]), str(text[1])]
-        enc, word_ids, offsets = _encode(tokenizer, texts)
-        ids = enc["input_ids"].to(device)
-        mask = enc["attention_mask"].to(device)
-        t = ids.shape[1]
-        pair = _pair_module(model)
-        cos = _MeanPoolCosine()
-        attr = lrpplan.explain(pair, ids.reshape(1, 2, t), target=cos, rules=rules, cache=cache,
-                               attention_mask=mask.reshape(1, 2, t))
-        rel_all = attr.relevance.detach().double().cpu().reshape(2, t)
-        score = float(attr.output.detach().reshape(-1)[0])
-        tok_rows, rel_rows = [], []
-        for k in range(2):
-            keep = mask[k].bool().cpu()
-            n = int(keep.sum())
-            # padding is on one side: keep the positions the mask marks
-            pos = [i for i in range(t) if bool(keep[i])]
-            toks = tokenizer.convert_ids_to_tokens(ids[k].cpu()[keep].tolist())
-            rel = [float(rel_all[k, i]) for i in pos]
-            if merge_words:
-                special = _special_mask(tokenizer, ids[k].cpu()[keep].tolist())
-                wid = [word_ids[k][i] for i in pos] if word_ids[k] is not None else None
-                off = [offsets[k][i] for i in pos] if offsets[k] is not None else None
-                toks, rel = _merge(toks, rel, special, wid, off, texts[k])
-            assert n == len(pos)
-            tok_rows.append(toks)
-            rel_rows.append(rel)
-        return TextAttribution(tok_rows, rel_rows, "cosine", score, attr, task)
+        return _explain_similarity(model, tokenizer, [str(text[0]), str(text[1])], merge_words,
+                                   rules, cache, pairs, chunk)
+    if pairs:
+        raise ValueError("pairs=True explains a similarity: pass task='similarity' and a "
+                         "sentence pair")
 
     if not isinstance(text, str):
         raise ValueError(f"task {task!r} explains one text (a str)")
@@ -358,9 +374,66 @@ def explain_text(model: Any, tokenizer: Any, text: Union[str, Sequence[str]], ta
     toks = tokenizer.convert_ids_to_tokens(id_list)
     rel = [float(v) for v in attr.relevance.detach().double().cpu().reshape(-1)]
     if merge_words:
-        toks, rel = _merge(toks, rel, _special_mask(tokenizer, id_list), word_ids[0],
+        special = _special_mask(tokenizer, id_list)
+        toks, rel = _merge(toks, rel, special, _word_groups(toks, special, word_ids[0]),
                            offsets[0], text)
     return TextAttribution(toks, rel, explained, score, attr, task, target_token)
+
+
+def _explain_similarity(model: Any, tokenizer: Any, texts: list[str], merge_words: bool,
+                        rules: Any, cache: Any, pairs: bool, chunk: Optional[int]
+                        ) -> TextAttribution:
+    import lrpplan
+    from lrpplan.bilrp import pair_matrix
+
+    enc, word_ids, offsets = _encode(tokenizer, texts)
+    device = _model_device(model)
+    ids = enc["input_ids"].to(device)
+    mask = enc["attention_mask"].to(device)
+    t = ids.shape[1]
+    pair = _pair_module(model)
+    kwargs = dict(rules=rules, cache=cache, attention_mask=mask.reshape(1, 2, t))
+    attr = lrpplan.explain(pair, ids.reshape(1, 2, t), target=_MeanPoolCosine(), **kwargs)
+    rel_all = attr.relevance.detach().double().cpu().reshape(2, t)
+    score = float(attr.output.detach().reshape(-1)[0])
+    tok_rows, rel_rows, positions, groups = [], [], [], []
+    for k in range(2):
+        keep = mask[k].bool().cpu()
+        pos = [i for i in range(t) if bool(keep[i])]  # padding is on one side
+        kept_ids = ids[k].cpu()[keep].tolist()
+        toks = tokenizer.convert_ids_to_tokens(kept_ids)
+        rel = [float(rel_all[k, i]) for i in pos]
+        group = [[i] for i in range(len(pos))]
+        if merge_words:
+            special = _special_mask(tokenizer, kept_ids)
+            wid = [word_ids[k][i] for i in pos] if word_ids[k] is not None else None
+            off = [offsets[k][i] for i in pos] if offsets[k] is not None else None
+            group = _word_groups(toks, special, wid)
+            toks, rel = _merge(toks, rel, special, group, off, texts[k])
+        tok_rows.append(toks)
+        rel_rows.append(rel)
+        positions.append(pos)
+        groups.append(group)
+    matrix = None
+    if pairs:
+        dims = lrpplan.explain(pair, ids.reshape(1, 2, t), target=_BothEmbeddings(),
+                               chunk=chunk, **kwargs)
+        d = dims.output.shape[1] // 2
+        per_dim = dims.relevance.detach().double().cpu()  # [1, 2D, 2, T]
+        full = pair_matrix(per_dim[:, :d, 0], per_dim[:, d:, 1])[0]  # [T, T]
+        full = full[positions[0]][:, positions[1]]
+        matrix = _membership(groups[0], full.shape[0]) @ full @ \
+            _membership(groups[1], full.shape[1]).T
+    return TextAttribution(tok_rows, rel_rows, "cosine", score, attr, "similarity",
+                           pairs=matrix)
+
+
+def _membership(groups: list[list[int]], n: int) -> torch.Tensor:
+    """``[len(groups), n]`` float64 0/1 matrix: token ``i`` belongs to word ``g``."""
+    m = torch.zeros(len(groups), n, dtype=torch.float64)
+    for g, members in enumerate(groups):
+        m[g, members] = 1.0
+    return m
 
 
 def _special_mask(tokenizer: Any, ids: list[int]) -> list[bool]:
