@@ -9,7 +9,7 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 from .api import Attribution, Explainer, attribute, explain
-from .bilrp import PairAttribution, bilrp
+from .pairs import PairAttribution, bilrp
 from .cache import PlanCache
 from .config import RuleSet
 from .coverage import coverage, rule_table

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lrpplan
-from lrpplan.bilrp import pair_matrix, patches
+from lrpplan.pairs import pair_matrix, patches
 
 EPS = 1e-12
 RULES = lrpplan.RuleSet.preset("epsilon", epsilon=EPS)

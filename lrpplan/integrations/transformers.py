@@ -384,7 +384,7 @@ def _explain_similarity(model: Any, tokenizer: Any, texts: list[str], merge_word
                         rules: Any, cache: Any, pairs: bool, chunk: Optional[int]
                         ) -> TextAttribution:
     import lrpplan
-    from lrpplan.bilrp import pair_matrix
+    from lrpplan.pairs import pair_matrix
 
     enc, word_ids, offsets = _encode(tokenizer, texts)
     device = _model_device(model)
