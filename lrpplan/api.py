@@ -19,7 +19,7 @@ from .finite import check_finite
 from .fingerprint import fingerprint
 from .graph import Graph, capture
 from .ledger import Book, Ledger, combined_ledger
-from .many import replay_many
+from .many import DEFAULT_CHUNK, replay_many
 from .modules import ModuleRecorder, record_modules
 from .plan import Plan, check_plan, decode, encode
 from .recording import ForwardRecording
@@ -206,7 +206,7 @@ class _Options:
     targets per sample (``[B, K]`` scores) how many travel together (``chunk``)."""
 
     executor: type[Executor] = Executor
-    chunk: Optional[int] = None
+    chunk: Optional[int] = DEFAULT_CHUNK
 
 
 def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
@@ -395,7 +395,7 @@ class Explainer:
 
     def __init__(self, model: torch.nn.Module, rules: Any = None, cache: CacheArg = None,
                  ledger: str = "totals", compile: bool = False,
-                 chunk: Optional[int] = None) -> None:
+                 chunk: Optional[int] = DEFAULT_CHUNK) -> None:
         self.model = model
         self.rules = RuleSet.ensure(rules)
         self._options = _Options(_ledger_executor(ledger), _chunk(chunk))
@@ -415,8 +415,8 @@ class Explainer:
 
 
 def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: Any = None,
-            cache: CacheArg = None, ledger: str = "totals", chunk: Optional[int] = None,
-            **kwargs: Any) -> Attribution:
+            cache: CacheArg = None, ledger: str = "totals",
+            chunk: Optional[int] = DEFAULT_CHUNK, **kwargs: Any) -> Attribution:
     """Run ``model(*args, **kwargs)`` and explain the target score of each sample.
 
     Positional arguments are the explained inputs (floating-point tensors get relevance of their
@@ -434,6 +434,10 @@ def explain(model: torch.nn.Module, *args: Any, target: Target = None, rules: An
 
     ``ledger``: ``"totals"`` (default) or ``"nodes"`` (per-node rows on a replay too; see
     :func:`attribute`).
+
+    Several targets per sample (``[B, K]`` classes, ``[B, K, 2]`` (position, token) pairs, or a
+    callable returning ``[B, K]``) are explained in one vmapped replay per ``chunk`` targets
+    (default 16; ``None``: all K at once); ``relevance`` is then ``[B, K, *input]``.
     """
     return _explain(model, args, target, RuleSet.ensure(rules), _store_for(cache), kwargs,
                     _Options(_ledger_executor(ledger), _chunk(chunk)))

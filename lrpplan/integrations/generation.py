@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..many import DEFAULT_CHUNK
+
 __all__ = ["GenerationAttribution", "explain_generation"]
 
 
@@ -168,7 +170,7 @@ def _prompt_ids(tokenizer: Any, prompt: Union[str, Sequence[str], torch.Tensor],
 def explain_generation(model: Any, tokenizer: Any, prompt: Union[str, Sequence[str], torch.Tensor],
                        max_new_tokens: Optional[int] = None,
                        continuation: Optional[torch.Tensor] = None, rules: Any = None,
-                       cache: Any = None, chunk: Optional[int] = None,
+                       cache: Any = None, chunk: Optional[int] = DEFAULT_CHUNK,
                        **generate_kwargs: Any
                        ) -> Union[GenerationAttribution, list[GenerationAttribution]]:
     """Generate (or take) a continuation and explain every generated token in one replay.
