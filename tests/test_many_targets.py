@@ -126,6 +126,23 @@ def test_k_is_no_structure_and_chunks_change_nothing():
         lrpplan.Explainer(model, chunk=0)
 
 
+def test_more_targets_than_the_default_chunk():
+    from lrpplan.many import DEFAULT_CHUNK
+
+    torch.manual_seed(0)
+    k = DEFAULT_CHUNK + 5
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, k)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    target = torch.stack([torch.randperm(k) for _ in range(3)])  # every class, shuffled per row
+    grouped = lrpplan.explain(model, x, target=target, cache=False)  # two vmapped replays
+    whole = lrpplan.explain(model, x, target=target, cache=False, chunk=None)
+    assert grouped.relevance.shape == (3, k, 6)
+    torch.testing.assert_close(grouped.relevance, whole.relevance, rtol=0, atol=1e-12)
+    for j in (0, DEFAULT_CHUNK - 1, DEFAULT_CHUNK, k - 1):  # both sides of the group boundary
+        one = lrpplan.explain(model, x, target=target[:, j], cache=False)
+        torch.testing.assert_close(grouped.relevance[:, j], one.relevance, rtol=1e-10, atol=1e-12)
+
+
 class _Writes(nn.Module):
     """A write into a slice (``CopySlices``: its gradient is the node's own backward)."""
 
