@@ -324,7 +324,9 @@ def _run(graph: Graph, key: str, store: _PlanStore, seed_sets: list[list[torch.T
     if not columns:
         return per_target[0], ledgers[0], cached, plan.key, plan, ledgers
     out = [None if r[0] is None else torch.stack(r, 1) for r in zip(*per_target)]
-    return out, combined_ledger(seed_sets, books, graph.types), cached, plan.key, plan, ledgers
+    # one target: its own ledger, with the per-node rows the run kept
+    ledger = ledgers[0] if len(ledgers) == 1 else combined_ledger(seed_sets, books, graph.types)
+    return out, ledger, cached, plan.key, plan, ledgers
 
 
 def _relevance_per_input(plan: Plan, book: Book, ins: list,

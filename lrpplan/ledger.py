@@ -98,9 +98,11 @@ class Ledger:
         left where it leads nowhere. Only where the run kept the detail (:attr:`detail`)."""
         if self._rows is None:
             raise LRPError(
-                "this explanation replayed a cached plan keeping the ledger's totals only; "
-                "pass ledger='nodes' (lrpplan.explain, Explainer, attribute) for one row per "
-                "node (inflow, outflow, absorbed) and Ledger.leaks()")
+                "this ledger keeps totals only: a cached plan replayed without "
+                "ledger='nodes', or several targets summed. Pass ledger='nodes' "
+                "(lrpplan.explain, Explainer, attribute) for one row per node (inflow, "
+                "outflow, absorbed) and Ledger.leaks(); with several targets, read the first "
+                "explanation's Attribution.ledgers[0]")
         parts = [t for r in self._rows for t in (*r[1], *r[2], *_absorbed_parts(r))]
         values = iter(torch.stack([t.detach().reshape(()).to(torch.float64) for t in parts])
                       .cpu().tolist() if parts else [])

@@ -5,9 +5,9 @@ import lrpplan
 
 PUBLIC = {
     "Attribution", "CacheWarning", "Explainer", "GraphFreedError", "InvalidInputError",
-    "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "Plan", "PlanCache", "PlanError",
+    "LRPError", "LRPWarning", "Ledger", "NonFiniteError", "PairAttribution", "Plan", "PlanCache", "PlanError",
     "PlanMismatchError", "RuleError", "RuleSet", "UnrecoverableValueError", "UnsupportedOperation",
-    "attribute", "coverage", "explain", "explain_dataset", "register_function", "rule_table",
+    "attribute", "bilrp", "coverage", "explain", "explain_dataset", "register_function", "rule_table",
     "__version__",
 }
 

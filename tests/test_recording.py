@@ -93,7 +93,7 @@ def test_attribute_with_a_plan_that_reads_recorded_values(tmp_path):
     # the same graph, built by the user, meets the cached plan: it cannot be replayed
     xx = x.clone().requires_grad_(True)
     out = model(xx)
-    score = out.gather(-1, torch.zeros(2, dtype=torch.long).unsqueeze(-1)).squeeze(-1)
+    score = out.gather(-1, torch.zeros(2, 1, dtype=torch.long))  # [B, 1], as explain picks it
     with pytest.raises(lrpplan.UnrecoverableValueError, match="recorded"):
         lrpplan.attribute(score, xx, rules=LRP0, cache=tmp_path)
 

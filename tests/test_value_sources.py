@@ -62,7 +62,7 @@ def node_types(model: nn.Module, x: torch.Tensor) -> list[str]:
     from lrpplan.graph import capture
     with torch.enable_grad():
         out = model(x.detach().requires_grad_(True))
-        score = out.gather(-1, out.argmax(-1, keepdim=True)).sum()
+        score = out.gather(-1, out.argmax(-1, keepdim=True))  # [B, 1], as explain picks it
         ge = torch.autograd.graph.get_gradient_edge(score)
         return capture([(ge.node, ge.output_nr)]).types
 
