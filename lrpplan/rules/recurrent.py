@@ -12,7 +12,8 @@ test is :func:`gated_signal`).
 Fused kernels (``MkldnnRnnLayerBackward0``: a float32 ``nn.LSTM`` layer direction on CPU) get the
 rule ``rnn`` (:class:`RecurrentLayerRule`): the recurrence re-run from the node's saved tensors,
 relevance sent back through ATen's decomposed cell with the same rules, so a fused layer
-explains like the decomposed one. ``CudnnRnnBackward0`` is not registered (untested here).
+explains like the decomposed one. ``CudnnRnnBackward0`` is not registered (untested here); its
+error says to explain on CPU, where the same layer is supported.
 
 Packed sequences (``pack_padded_sequence``) run the decomposed cells on CPU, also in float32; the
 packing itself (``PackPaddedSequenceBackward0``) is a routing op: the packed data is the padded
@@ -28,6 +29,7 @@ import torch
 from ..errors import RuleError
 from .base import (OPS, Decision, MaybeTensor, NodeInfo, Rule, as_rel, register_op,
                    register_rule, stable_div_share)
+from .custom import UNSUPPORTED_HINTS
 from .routing import _join_vjp, _n_outputs
 
 Tensor = torch.Tensor
@@ -446,3 +448,13 @@ register_op("MkldnnRnnLayerBackward0", "rnn", saved_inputs=_MKLDNN_SAVED,
             saved_outputs={0: "_saved_result0", 1: "_saved_result1", 2: "_saved_result2"},
             forward=_mkldnn_forward, forward_inputs=(0, 1, 2, 3, 4, 5, 6),
             attrs=("mode", "reverse", "has_biases", "batch_first"))
+
+
+# the cuDNN/MIOpen recurrent kernels (a whole multi-layer stack in one node, CUDA/ROCm only) have
+# no rule yet: no GPU was available to test one. The same module on CPU is supported.
+for _name in ("CudnnRnnBackward0", "MiopenRnnBackward0"):
+    UNSUPPORTED_HINTS[_name] = (
+        "It is a whole cuDNN/MIOpen recurrent layer (nn.LSTM, nn.GRU or nn.RNN on a GPU) in one "
+        "node, which has no rule yet. Explain on CPU instead (model.cpu() and CPU inputs): "
+        "there the layer runs as MkldnnRnnLayerBackward0 (float32 LSTM) or as decomposed "
+        "cells, both supported with the LSTM/GRU rules (docs/rules.md, 'Recurrent networks').")
