@@ -45,23 +45,31 @@ class _PureExecutor(Executor):
             super().value_op(op)
 
 
+class _Unnamed:
+    """Node types where no graph is at hand (an error message names "a node")."""
+
+    def __getitem__(self, node: int) -> str:
+        return "a node"
+
+
 class _NoGraph:
     """Stands in for the live graph inside the compiled region, which never reads it."""
 
     nodes: tuple = ()
     edges: tuple = ()
-    types: tuple = ()
+    types = _Unnamed()
 
 
 _NO_GRAPH: Any = _NoGraph()
 
 
-def _gather(graph: Graph, plan: Plan, reads: Sequence[ValueOp]) -> list[Any]:
-    """The graph reads of a plan, run eagerly: one value per read op, in plan order."""
+def gather_reads(graph: Graph, plan: Plan) -> list[Any]:
+    """The graph reads of a plan (:attr:`Plan.graph_reads`), run eagerly: one value per read
+    op, in plan order."""
     ex = Executor(graph, plan, program=[])
-    for op in reads:
+    for op in plan.graph_reads:
         ex.value_op(op)
-    return [ex.val[op.outs[0]] for op in reads]
+    return [ex.val[op.outs[0]] for op in plan.graph_reads]
 
 
 class CompiledPlan:
@@ -78,11 +86,9 @@ class CompiledPlan:
     def __init__(self, plan: Plan, program: Optional[Program] = None) -> None:
         self.plan = plan
         self.program = program if program is not None else bind(plan)
-        self.reads = [op for op in plan.value_ops() if op.kind in READ_KINDS]
-        self.slots = [op.outs[0] for op in self.reads]
         #: why this plan runs eagerly ("" while it compiles)
         self.eager_reason = ""
-        if any(op.kind == "backward" for op in self.reads):
+        if any(op.kind == "backward" for op in plan.graph_reads):
             self.eager_reason = ("the plan routes relevance through a node's own backward (an "
                                  "op without a pure gradient), which a compiled function cannot "
                                  "call")
@@ -106,13 +112,13 @@ class CompiledPlan:
         return self._dynamic
 
     def _replay_function(self, variant: str) -> Callable:
-        """``_run_program`` bound to this plan, as a function with a code object of its own:
+        """:func:`run_pure` bound to this plan, as a function with a code object of its own:
         dynamo keeps its compiled variants (and their limit) per code object, so every plan
         and variant gets its own cache instead of evicting another plan's."""
-        plan, program, slots = self.plan, self.program, self.slots
+        plan, program = self.plan, self.program
 
         def replay(seeds: list[torch.Tensor], gathered: list[Any]):
-            return _run_program(plan, program, slots, seeds, gathered)
+            return run_pure(plan, program, seeds, gathered)
 
         name = f"lrpplan_replay_{variant}_{plan.key[:12]}"
         code = replay.__code__.replace(co_name=name, co_qualname=name)
@@ -124,7 +130,7 @@ class CompiledPlan:
         if self.eager_reason:
             _warn_eager(self.plan.key, self.eager_reason)
             return None
-        gathered = _gather(graph, self.plan, self.reads)
+        gathered = gather_reads(graph, self.plan)
         try:
             fn = self._function(_sizes(seeds, gathered))
             start = time.perf_counter()
@@ -148,21 +154,15 @@ class CompiledPlan:
                 self.compile_seconds.append(seconds)
 
 
-def _run_program(plan: Plan, program: Program, slots: Sequence[int],
-                 seeds: list[torch.Tensor], gathered: list[Any]):
-    """The pure part of a replay: every step from the seeds and the gathered graph reads;
-    returns the results, what the steps absorbed (stacked), the absorbing nodes and the
-    targets whose relevance flows on."""
+def run_pure(plan: Plan, program: Program, seeds: Sequence[torch.Tensor],
+             gathered: Sequence[Any]):
+    """The pure part of a replay: every step from the seeds and the graph reads gathered by
+    :func:`gather_reads`; returns the results, what the steps absorbed (stacked), the
+    absorbing nodes and the targets whose relevance flows on."""
     ex = _PureExecutor(plan, program)
-    for slot, value in zip(slots, gathered):
-        ex.val[slot] = value
-    for slot, seed in zip(plan.header["roots"], seeds):
-        ex.deposit(slot, seed)
-    for kind, step, bound in program:
-        getattr(ex, kind)(step, bound)
-        for v in step.free_val:
-            ex.val.pop(v, None)
-    ex._drop_unread()
+    for op, value in zip(plan.graph_reads, gathered):
+        ex.val[op.outs[0]] = value
+    ex.run(seeds)
     absorbed = torch.stack([t.reshape(()) for _, t in ex.absorbed]) if ex.absorbed else None
     return ex.results, absorbed, tuple(node for node, _ in ex.absorbed), tuple(ex.through)
 

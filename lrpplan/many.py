@@ -20,10 +20,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .compiled import _gather, _run_program
+from .compiled import gather_reads, run_pure
 from .graph import Graph
 from .ledger import Book
-from .plan import READ_KINDS, Plan
+from .plan import Plan
 from .replay import Executor, Program
 from .rules.base import OPS, RULES
 
@@ -38,7 +38,7 @@ def vmappable(plan: Plan) -> bool:
         return False
     for step in plan.iter_rule_steps():
         rule = RULES[step.rule]
-        if not getattr(rule, "batched_relevance", True):
+        if not rule.batched_relevance:
             return False
         spec = OPS.get(step.params.get("node_type", ""))
         if rule.uses_gradient and spec is not None and getattr(spec.vjp, "by_autograd", False):
@@ -54,25 +54,23 @@ def replay_many(graph: Graph, plan: Plan, program: Program,
     k = len(seed_sets)
     if not vmappable(plan):
         return [Executor(graph, plan, program).run(list(seeds)).book() for seeds in seed_sets]
-    reads = [op for op in plan.value_ops() if op.kind in READ_KINDS]
-    slots = [op.outs[0] for op in reads]
-    gathered = _gather(graph, plan, reads)
+    gathered = gather_reads(graph, plan)
     step = k if not chunk or chunk <= 0 else int(chunk)
     books: list[Book] = []
     for start in range(0, k, step):
         part = seed_sets[start:start + step]
         stacked = [torch.stack([seeds[i] for seeds in part]) for i in range(len(part[0]))]
-        books += _batched_books(plan, program, slots, stacked, gathered, len(part))
+        books += _batched_books(plan, program, stacked, gathered, len(part))
     return books
 
 
-def _batched_books(plan: Plan, program: Program, slots: Sequence[int],
-                   stacked: list[torch.Tensor], gathered: list[Any], n: int) -> list[Book]:
+def _batched_books(plan: Plan, program: Program, stacked: list[torch.Tensor],
+                   gathered: list[Any], n: int) -> list[Book]:
     """Run the plan's pure steps once for ``n`` stacked seed sets."""
     static: dict[str, Any] = {}
 
     def one(seeds: list[torch.Tensor]):
-        results, absorbed, nodes, through = _run_program(plan, program, slots, seeds, gathered)
+        results, absorbed, nodes, through = run_pure(plan, program, seeds, gathered)
         # which results exist and which nodes absorbed is structure, the same for every target
         static["present"] = [r is not None for r in results]
         static["nodes"], static["through"] = nodes, through

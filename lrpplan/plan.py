@@ -29,6 +29,7 @@ relevance slots are read once, by the step of the edge's producer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import msgpack
@@ -136,6 +137,12 @@ class Plan:
             yield from s.chain
             for b in s.body:
                 yield from b.chain
+
+    @cached_property
+    def graph_reads(self) -> tuple[ValueOp, ...]:
+        """The value ops that read the live graph (:data:`READ_KINDS`), in execution order:
+        what a vmapped or compiled replay gathers before running the pure steps."""
+        return tuple(op for op in self.value_ops() if op.kind in READ_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------
