@@ -7,7 +7,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -195,9 +195,9 @@ def attribute(output: Any, inputs: Any, seed: Any = None, rules: Any = None,
     targets = [{"kind": "tensor", "input": k} for k in range(len(ins))]
     result = _attribute(outputs, seed, rules, cache, ins, targets,
                         options=_Options(_ledger_executor(ledger)))
-    rel = result[0]
-    return Attribution(rel[0] if single else tuple(rel), output, None, *result[1:4], result[4],
-                       tuple(result[5]))
+    rel = result.relevance
+    return Attribution(rel[0] if single else tuple(rel), output, None, result.ledger,
+                       result.cached, result.key, result.plan, tuple(result.ledgers))
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
                targets: list[dict], token_inputs: Sequence[int] = (),
                recorder: Optional[ModuleRecorder] = None,
                recording: Optional[ForwardRecording] = None,
-               options: _Options = _Options(), columns: bool = False):
+               options: _Options = _Options(), columns: bool = False) -> _Explained:
     """Explain ``outputs`` (``columns``: one ``[B, K]`` output whose K columns are K targets,
     each explained alone, all in one replay)."""
     for o in outputs:
@@ -274,7 +274,7 @@ def _attribute(outputs: list, seed: Any, rules: Any, cache: CacheArg, ins: list,
     with torch.no_grad(), _no_autocast():
         result = _run(graph, key, store, seed_sets, plan_targets, ruleset, ins, module_of,
                       options, seed_error, columns)
-    plan = result[4]
+    plan = result.plan
     lost = plan.stats.get("constants_taken_as_zero", 0)
     if lost:
         _warn_once(("constants", plan.key), (
@@ -295,10 +295,22 @@ def _no_autocast() -> contextlib.ExitStack:
     return stack
 
 
+class _Explained(NamedTuple):
+    """What :func:`_run` gives back."""
+
+    relevance: list  # per explained input (None where it is not a tensor)
+    ledger: Ledger
+    cached: bool
+    key: str
+    plan: Plan
+    ledgers: list  # one per target
+
+
 def _run(graph: Graph, key: str, store: _PlanStore, seed_sets: list[list[torch.Tensor]],
          plan_targets: list, ruleset: RuleSet, ins: list, module_of: dict[int, str],
          options: _Options = _Options(),
-         seed_error: str = "the explained output holds NaN or infinity", columns: bool = False):
+         seed_error: str = "the explained output holds NaN or infinity",
+         columns: bool = False) -> _Explained:
     """Run (or trace and store) the plan for each seed set; relevance per explained input
     (``columns``: ``[B, K, ...]``, one map per target), the ledger, and the plan."""
     hit = store.get(key, len(graph))
@@ -322,11 +334,11 @@ def _run(graph: Graph, key: str, store: _PlanStore, seed_sets: list[list[torch.T
                   for book, seeds in zip(books, seed_sets)]
     ledgers = [Ledger(seeds, book, graph.types) for seeds, book in zip(seed_sets, books)]
     if not columns:
-        return per_target[0], ledgers[0], cached, plan.key, plan, ledgers
+        return _Explained(per_target[0], ledgers[0], cached, plan.key, plan, ledgers)
     out = [None if r[0] is None else torch.stack(r, 1) for r in zip(*per_target)]
     # one target: its own ledger, with the per-node rows the run kept
     ledger = ledgers[0] if len(ledgers) == 1 else combined_ledger(seed_sets, books, graph.types)
-    return out, ledger, cached, plan.key, plan, ledgers
+    return _Explained(out, ledger, cached, plan.key, plan, ledgers)
 
 
 def _relevance_per_input(plan: Plan, book: Book, ins: list,

@@ -160,3 +160,22 @@ def test_renderers(tmp_path):
     assert (tmp_path / "gen.html").read_text() == page
     text = g.to_terminal(color=False).splitlines()
     assert len(text) == 2 and text[0].startswith(repr(g.tokens[3]).rjust(14))
+
+
+@pytest.mark.parametrize("late", [(0, 3), (1, 4), (2, 5), (0, 5)])
+def test_relevance_at_or_after_a_generated_token_is_refused(late):
+    """The causal check: 3 generated tokens after a 3-token prompt (context 6); token k's row
+    may be non-zero only before position 3 + k."""
+    from lrpplan.integrations.generation import _result
+
+    class _Attr:
+        output = torch.ones(1, 3)
+
+    matrix = torch.tril(torch.ones(3, 6), diagonal=2)  # row k: positions 0 .. 2 + k
+    new = torch.tensor([4, 5, 6])
+    ok = _result(None, torch.arange(6), matrix, new, _Attr(), 0, 3, 0)
+    torch.testing.assert_close(ok.matrix, matrix)
+    bad = matrix.clone()
+    bad[late] = 0.5
+    with pytest.raises(AssertionError, match=f"generated token {late[0]} "):
+        _result(None, torch.arange(6), bad, new, _Attr(), 0, 3, 0)

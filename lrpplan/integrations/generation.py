@@ -267,12 +267,15 @@ def _result(tokenizer: Any, ctx: torch.Tensor, matrix: torch.Tensor, new: torch.
             ) -> GenerationAttribution:
     """One sample's result; the causal structure of its matrix checked."""
     n = new.shape[0]
-    for k in range(n):  # generated token k sees nothing at or after its own position
-        after = matrix[k, prompt_length + k:]
-        if bool((after != 0).any()):
-            raise AssertionError(
-                f"generated token {k} got relevance at or after its own position: the model "
-                "is not causal over its context (a bidirectional decoder?)")
+    # generated token k sees nothing at or after its own position, prompt_length + k
+    rows = torch.arange(n, device=matrix.device).unsqueeze(1)
+    cols = torch.arange(matrix.shape[1], device=matrix.device)
+    late = ((matrix != 0) & (cols >= prompt_length + rows)).any(1)
+    if bool(late.any()):
+        k = int(late.nonzero()[0])
+        raise AssertionError(
+            f"generated token {k} got relevance at or after its own position: the model "
+            "is not causal over its context (a bidirectional decoder?)")
     tokens = None if tokenizer is None else tokenizer.convert_ids_to_tokens(ctx.tolist())
     return GenerationAttribution(ctx.detach().cpu(), tokens, matrix.detach().cpu(),
                                  new.detach().cpu(), attr.output[b].detach().cpu(),

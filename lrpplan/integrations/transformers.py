@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..pairs import DEFAULT_CHUNK as PAIR_CHUNK
 from .generation import GenerationAttribution, explain_generation
 
 __all__ = ["GenerationAttribution", "TextAttribution", "explain_generation", "explain_text"]
@@ -152,8 +153,6 @@ class _BothEmbeddings:
 
 
 def _pair_module(encoder: Any) -> Any:
-    import torch
-
     class SentencePair(torch.nn.Module):
         """Encoder + mean pooling over the attention mask + L2 normalisation:
         ``[P, 2, T]`` ids → ``[P, 2, D]`` unit embeddings."""
@@ -299,8 +298,8 @@ def _encode(tokenizer: Any, texts: list[str]) -> tuple[Any, list[Optional[list]]
 
 def explain_text(model: Any, tokenizer: Any, text: Union[str, Sequence[str]], target: Any = None,
                  task: Optional[str] = None, merge_words: bool = False, rules: Any = None,
-                 cache: Any = None, pairs: bool = False, chunk: Optional[int] = 64
-                 ) -> TextAttribution:
+                 cache: Any = None, pairs: bool = False,
+                 chunk: Optional[int] = PAIR_CHUNK) -> TextAttribution:
     """Explain one text (or a sentence pair) with lrpplan, token by token.
 
     Parameters
