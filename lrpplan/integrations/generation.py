@@ -89,10 +89,9 @@ class GenerationAttribution:
         context, rows = self._labels()
         m = self.matrix.detach().double().cpu().numpy()
         peak = float(np.abs(m).max()) if m.size else 0.0
-        colours = [[_hex(c) for c in _signed_rgb(r / peak if peak > 0 else r * 0, cmap)]
-                   for r in m]
-        text_colours = [[_hex(_text_rgb(_signed_rgb(np.array(v / peak if peak > 0 else 0.0),
-                                                    cmap))) for v in r] for r in m]
+        rgb = _signed_rgb(m / peak if peak > 0 else np.zeros_like(m), cmap)  # [N, L, 3]
+        colours = [[_hex(c) for c in row] for row in rgb]
+        text_colours = [[_hex(_text_rgb(c)) for c in row] for row in rgb]
         spans = []
         for i, tok in enumerate(context):
             k = i - self.prompt_length
