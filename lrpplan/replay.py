@@ -358,9 +358,3 @@ def _broadcasts_to(shape: tuple, got: tuple) -> bool:
 
 #: value-op kind -> the executor method that runs it
 _VALUE_OPS: dict[str, str] = {kind: "op_" + kind for kind in VALUE_KINDS}
-
-
-def replay(plan: Plan, graph: Graph, seeds: Sequence[torch.Tensor],
-           program: Optional[Program] = None, executor: type[Executor] = Executor) -> Executor:
-    """Run ``plan`` on ``graph`` from one relevance seed per root."""
-    return executor(graph, plan, program).run(seeds)

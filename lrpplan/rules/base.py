@@ -348,12 +348,6 @@ def _call_backward(node_backward: Any, rel: Sequence[MaybeTensor]) -> list[Maybe
             for g in grads]
 
 
-def needs_backward(op: str) -> bool:
-    """Rules that call the gradient of ``op`` must read the node's own backward (no pure VJP)."""
-    spec = OPS.get(op)
-    return spec is None or spec.vjp is None
-
-
 def autograd_vjp(forward: ForwardFn, at: Sequence[Any] = ()) -> VjpFn:
     """A VJP for a rarely used op, from its forward: autograd differentiates ``forward`` at a
     point. ``at[pos]`` names the entry of the attributes holding input ``pos``'s value (a saved

@@ -8,7 +8,7 @@ dynamic weights): the AttnLRP uniform ε-rule, half of each contribution to each
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, dot_sum, into, own_output, register_op,
+from .base import (Decision, NodeInfo, Rule, add_parts, as_rel, into, own_output, register_op,
                    register_rule, stable_div_share)
 
 

@@ -16,14 +16,9 @@ import torch.nn.functional as F
 
 from ..errors import RuleError
 from .base import (OPS, Attrs, Decision, MaybeTensor, NodeInfo, Rule, add_parts, autograd_vjp,
-                   register_op, register_rule, signed, sum_to, vjp_of)
+                   register_op, register_rule, sum_to, vjp_of)
 
 T = torch.Tensor
-
-
-def _dim(v: int) -> int:
-    """Saved dims come back as unsigned 64-bit for negatives (e.g. softmax's dim=-1)."""
-    return signed(v)
 
 
 def _send_live(info: NodeInfo) -> tuple[bool, ...]:
