@@ -1,7 +1,7 @@
 """Promises: recovering forward values the autograd graph did not save (paper §4.3, App. D–E).
 
-A rule that needs an input value (the z-rule of an ``AddBackward0``, the logits of a softmax, the
-input of a ``MeanBackward1``) asks for the value flowing along one input edge. If the graph holds
+A rule that needs an input value (the z-rule of an addition, the logits of a softmax, the input
+of a mean) asks for the value flowing along one input edge. If the graph holds
 it (a leaf's variable, the producer's saved result, a *sibling* consumer's saved input, the
 ``_base`` of a saved view, an invertible view's output, an addition's output minus its other
 operand) it is read directly. Otherwise a :class:`Promise` is opened at the rule's node (the
